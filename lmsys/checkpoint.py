@@ -1,0 +1,91 @@
+"""Orbax checkpoints shared by training, serving and interop.
+
+A checkpoint directory holds numbered steps; each step has two items: `state` (the train-state
+pytree, written by every process in parallel, async) and `meta` (JSON: the model config, the
+mesh it was saved with, the data position). Orbax writes a step into a temporary directory and
+renames it when complete, so a crash mid-save never leaves a step that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from lmsys.config import ModelConfig
+
+# Model keys that decide parameter shapes: a checkpoint must agree on all of them.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+              "tie_embeddings", "qkv_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message says why and what to do."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Starts saving `state` at `step` (returns before the write ends when async)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, abstract_state, model: ModelConfig, step: int | None = None):
+        """Restores `state` onto the shardings in `abstract_state` (any mesh), after checking
+        that the checkpoint holds the same model shape. Returns (state, meta)."""
+        step = self._step(step)
+        meta = self.meta(step)
+        check_model(meta.get("model", {}), model, f"{self.directory} step {step}")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} does not match this train state "
+                f"({str(e).splitlines()[0][:200]}); train into a new run_dir") from None
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in self.manager.all_steps():
+            raise CheckpointError(f"no complete checkpoint{'' if step is None else f' at step {step}'} "
+                                  f"in {self.directory}")
+        return step
+
+
+def check_model(saved: dict, model: ModelConfig, where: str) -> None:
+    """Refuses a checkpoint whose model shape differs from `model`, naming the first key."""
+    here = dataclasses.asdict(model)
+    for key in SHAPE_KEYS:
+        if key in saved and saved[key] != here[key]:
+            raise CheckpointError(
+                f"checkpoint {where} holds a different model: model.{key} is {saved[key]!r} there "
+                f"and {here[key]!r} here; set model.{key}={saved[key]} or use a new run_dir")
+
+
+def make_meta(step: int, data_index: int, model: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+    return {"step": step, "data_index": data_index, "model": dataclasses.asdict(model),
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}}

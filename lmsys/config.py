@@ -1,0 +1,318 @@
+"""Typed run configuration: YAML files plus `key=value` dotted overrides, validated at once.
+
+    cfg = load_config("recipes/configs/tiny.yaml", ["mesh.fsdp=4", "steps=200"])
+
+Every error is a `ConfigError` with one line that names the key, the value and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""  # a name from lmsys.models.presets; other model.* keys override it
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    head_dim: int = 32
+    d_ff: int = 768
+    rope_theta: float = 10000.0
+    # Llama-3 RoPE frequency scaling; factor 0 turns it off.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    attention_impl: str = "xla"
+
+
+@dataclass
+class MeshConfig:
+    """Devices per mesh axis; one axis may be -1 to take the devices the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end); 0 saves only at the end
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin" (this Python's standard library sources) or paths, comma-separated
+    tokenizer: str = "builtin"  # "builtin" (byte-level BPE trained on the source, cached) or a tokenizer.json path
+    text_field: str = "text"  # the field holding the text in .jsonl files
+    max_documents: int = 0  # 0 = all documents
+    cache_dir: str = ""  # "" = $LMSYS_CACHE_DIR or ~/.cache/lmsys
+    shuffle: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences per step
+    seq_len: int = 256
+    grad_accum: int = 1  # microbatches per step; batch_size must divide by it
+    seed: int = 0
+    run_dir: str = "runs/default"
+    remat: str = "none"  # none | full | selective
+    dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    log_every: int = 1
+    peak_flops: float = 0.0  # per device, for MFU; 0 = known peak of the device kind
+
+
+REMAT_POLICIES = ("none", "full", "selective")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla",)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. `model.d_model`."""
+    keys = []
+    for name in _fields(cls):
+        t = _field_type(cls, name)
+        if dataclasses.is_dataclass(t):
+            keys += all_keys(t, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; see lmsys/config.py for the keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, t) -> Any:
+    """Converts a YAML / command-line value to the field's type, or says why it can't."""
+    if isinstance(t, types.UnionType):
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if t is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unhandled config type {t}")
+    raise ConfigError(f"config key '{key}' must be {t.__name__}, got {value!r}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + str(k)] = v
+    return flat
+
+
+def _build(cls, flat: dict[str, Any], prefix: str = ""):
+    kwargs = {}
+    for name in _fields(cls):
+        t = _field_type(cls, name)
+        key = prefix + name
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _build(t, flat, key + ".")
+        elif key in flat:
+            kwargs[name] = _coerce(key, flat[key], t)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`mesh.fsdp=4` -> ("mesh.fsdp", 4); values are read as YAML scalars."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. steps=200")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds and validates a Config from a nested dict (a parsed YAML file) and overrides."""
+    flat = _flatten(tree or {})
+    for text in overrides:
+        k, v = parse_override(text)
+        flat[k] = v
+    known = set(all_keys())
+    for key in flat:
+        if key not in known:
+            raise _unknown(key)
+    preset = flat.get("model.preset")
+    if preset:
+        from lmsys.models.presets import PRESETS
+
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"model.preset '{preset}' is unknown; choose one of {', '.join(PRESETS)}")
+        flat = {**{f"model.{k}": v for k, v in PRESETS[preset].items()}, **flat}
+    cfg = _build(Config, flat)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config file (or none), applies `key=value` overrides and validates."""
+    import yaml
+
+    tree = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(tree).__name__}")
+    return from_dict(tree, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
+    m = cfg.model
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+        _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
+    _check(m.n_heads % m.n_kv_heads == 0, "model.n_heads", m.n_heads,
+           f"must be a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
+    _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+    _check(m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+           m.rope_scaling_factor, "must be 0 (off) or >= 1")
+    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
+    _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+    _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+           f"must be one of {', '.join(ATTENTION_IMPLS)}")
+
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        _check(v == -1 or v >= 1, f"mesh.{axis}", v, "must be a positive device count or -1 (fill)")
+    fills = [a for a in ("data", "fsdp", "tensor") if getattr(cfg.mesh, a) == -1]
+    _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
+           f"only one mesh axis may be -1, got {', '.join(fills)}")
+    t = cfg.mesh.tensor
+    if t > 1:
+        _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
+               f"must be divisible by mesh.tensor ({t}); change mesh.tensor or model.n_heads")
+        _check(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+               f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
+        _check(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
+
+    o = cfg.optimizer
+    _check(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
+    _check(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", o.eps, "must be positive")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
+
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    _check(cfg.data.max_documents >= 0, "data.max_documents", cfg.data.max_documents, "must be >= 0")
+    _check(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
+
+    _check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    _check(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
+    _check(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be >= 1")
+    _check(cfg.batch_size % cfg.grad_accum == 0, "batch_size", cfg.batch_size,
+           f"must be divisible by grad_accum ({cfg.grad_accum})")
+    _check(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1")
+    _check(cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "must be >= 0 (0 = known device peak)")
+    _check(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
+    _check(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")
+    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")

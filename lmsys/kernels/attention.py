@@ -1,0 +1,56 @@
+"""The one dispatch point for attention, and its plain-XLA implementation.
+
+Shapes: q_BTNH [batch, q_len, heads, head_dim]; k_BSKH, v_BSKH [batch, kv_len, kv_heads, head_dim]
+with heads a multiple of kv_heads (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
+              q_segment_ids_BT: jax.Array | None = None,
+              kv_segment_ids_BS: jax.Array | None = None,
+              q_positions_BT: jax.Array | None = None,
+              kv_positions_BS: jax.Array | None = None,
+              causal: bool = True,
+              sm_scale: float | None = None,
+              impl: str = "xla") -> jax.Array:
+    """Softmax attention, out [batch, q_len, heads, head_dim] in q's dtype.
+
+    Masking: a query attends to a key only if their segment ids are equal (when given; packed
+    documents never see each other) and, when `causal`, the key's position is <= the query's.
+    Positions default to the index along the sequence; a KV cache passes its slot positions.
+    """
+    if impl == "xla":
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_segment_ids_BT,
+                             kv_segment_ids_BS=kv_segment_ids_BS, q_positions_BT=q_positions_BT,
+                             kv_positions_BS=kv_positions_BS, causal=causal, sm_scale=sm_scale)
+    raise ValueError(f"attention impl '{impl}' is not available; use 'xla'")
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
+                  q_positions_BT=None, kv_positions_BS=None, causal=True, sm_scale=None):
+    """Reference attention in plain jnp: fp32 logits and softmax, grouped heads not repeated."""
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) * scale
+    mask_BTS = jnp.ones((B, T, S), dtype=bool)
+    if causal:
+        q_pos = jnp.arange(T)[None, :] if q_positions_BT is None else q_positions_BT
+        kv_pos = jnp.arange(S)[None, :] if kv_positions_BS is None else kv_positions_BS
+        mask_BTS = mask_BTS & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    if q_segment_ids_BT is not None:
+        kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+        mask_BTS = mask_BTS & (q_segment_ids_BT[:, :, None] == kv_seg[:, None, :])
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, -1e30)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH,
+                           preferred_element_type=jnp.float32)
+    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)

@@ -1,0 +1,28 @@
+"""Model sizes by name. A preset fills `model.*`; keys given next to it override it."""
+
+PRESETS: dict[str, dict] = {
+    # For tests and CPU runs: heads and kv_heads are multiples of a tensor axis of 8.
+    "tiny": dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8,
+                 head_dim=32, d_ff=768, rope_theta=10000.0, tie_embeddings=True),
+    # ~10M params (about 8.6M in matrices): big enough that memory tests see sharding, not
+    # small replicated leaves.
+    "small": dict(vocab_size=8192, d_model=384, n_layers=6, n_heads=8, n_kv_heads=8,
+                  head_dim=48, d_ff=1024, rope_theta=10000.0, tie_embeddings=False),
+    "125m": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                 head_dim=64, d_ff=2048, rope_theta=10000.0, tie_embeddings=True),
+    # Llama-3.2-1B shape.
+    "1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+               head_dim=64, d_ff=8192, rope_theta=500000.0, tie_embeddings=True,
+               rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+               rope_original_max_position=8192, norm_eps=1e-5),
+    # Llama-3.1-8B shape.
+    "8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+               head_dim=128, d_ff=14336, rope_theta=500000.0, tie_embeddings=False,
+               rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+               rope_original_max_position=8192, norm_eps=1e-5),
+    # Llama-3.1-70B shape.
+    "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                head_dim=128, d_ff=28672, rope_theta=500000.0, tie_embeddings=False,
+                rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                rope_original_max_position=8192, norm_eps=1e-5),
+}

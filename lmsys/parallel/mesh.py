@@ -1,0 +1,124 @@
+"""The device mesh and the one table that maps logical array axes to mesh axes.
+
+Model code names logical axes (`batch`, `embed`, `heads`, ...) and never mesh axes. The rule
+table below says how each logical axis is split over the mesh; changing FSDP to FSDP+TP is a
+change of `mesh.*` sizes, never of model code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmsys.config import ConfigError, MeshConfig
+
+# Mesh axes, outermost first. Later strategies (stage, sequence, expert) add theirs here.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> the mesh axes that split it (in order), or () for replicated.
+# `embed` is the model dimension of parameters: FSDP (ZeRO-3) splits parameters along it.
+# Activations leave their model dimension unnamed (None): their batch already uses `fsdp`.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),
+    "norm": (),
+}
+
+LogicalAxes = tuple[str | None, ...]
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Sizes of the mesh axes, with a -1 axis filled; errors name the keys and the device count."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh {_describe(sizes)} cannot fill mesh.{fill[0]}: {n_devices} devices are not "
+                f"divisible by the other axes' product {fixed}")
+        sizes[fill[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(
+            f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices but {n_devices} "
+            f"are available; make the product of mesh.* equal {n_devices} or set one axis to -1")
+    return sizes
+
+
+def _describe(sizes: dict[str, int]) -> str:
+    return "(" + ", ".join(f"{a}={v}" for a, v in sizes.items()) + ")"
+
+
+def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with Auto axes: the compiler propagates shardings
+    between the constraints the rule table places on parameters, batches and activations."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A mesh together with the logical-axis rule table: turns logical axes into shardings."""
+
+    mesh: Mesh
+    table: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def spec(self, axes: LogicalAxes, shape: Sequence[int] | None = None) -> P:
+        """The PartitionSpec for an array with these logical axes. Mesh axes of size 1 are
+        left out; a dimension that its mesh axes do not divide evenly (e.g. 2 KV heads on a
+        tensor axis of 8) is replicated; a mesh axis is used at most once per array."""
+        used: set[str] = set()
+        out = []
+        for i, name in enumerate(axes):
+            mesh_axes = []
+            for a in self.table.get(name, ()) if name is not None else ():
+                if self.mesh.shape[a] > 1 and a not in used:
+                    mesh_axes.append(a)
+            if shape is not None:
+                while mesh_axes and shape[i] % math.prod(self.mesh.shape[a] for a in mesh_axes):
+                    mesh_axes.pop()
+            used.update(mesh_axes)
+            out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+        while out and out[-1] is None:
+            out.pop()
+        return P(*out)
+
+    def sharding(self, axes: LogicalAxes, shape: Sequence[int] | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+    def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
+        """Pins an activation's layout inside jit (a no-op for a 1-device mesh)."""
+        if self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
+
+    def tree_shardings(self, axes_tree, shapes_tree):
+        """Shardings for a pytree of arrays (or ShapeDtypeStructs) given a matching tree of axes."""
+        return jax.tree.map(lambda axes, s: self.sharding(axes, s.shape), axes_tree, shapes_tree,
+                            is_leaf=lambda t: isinstance(t, tuple))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_size_divisor(self) -> int:
+        """The global batch must split evenly over the mesh axes that `batch` maps to."""
+        return math.prod(self.mesh.shape[a] for a in self.table["batch"])

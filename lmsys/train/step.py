@@ -1,0 +1,145 @@
+"""The pure core of training: optimizer, loss, and the jitted, sharded train step.
+
+    trainer = Trainer(cfg, rules)
+    state = trainer.init(seed)                      # {"step", "params", "opt_state"}, sharded
+    state, metrics = trainer.step(state, batch)     # donates `state`
+
+No I/O here; the loop in lmsys.train.loop owns data, logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmsys.config import Config, ConfigError, OptimizerConfig
+from lmsys.models import llama
+from lmsys.parallel import Rules
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def lr_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    warmup = min(cfg.warmup_steps, steps)
+    base = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    # Step i trains with base(i + 1): the first step already learns, the last one ends the decay.
+    return lambda step: base(step + 1)
+
+
+def make_optimizer(cfg: OptimizerConfig, steps: int, decay_mask) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; weight decay only where `decay_mask` is True."""
+    adamw = optax.adamw(lr_schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw
+
+
+def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
+    """Summed next-token cross-entropy over the positions where mask is 1, and their count."""
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = (logz_BT - target_logit_BT) * mask_BT
+    return jnp.sum(nll_BT), jnp.sum(mask_BT)
+
+
+class Trainer:
+    """The jitted train step and state init for one config on one mesh."""
+
+    def __init__(self, cfg: Config, rules: Rules):
+        self.cfg, self.rules = cfg, rules
+        divisor = rules.batch_size_divisor
+        micro = cfg.batch_size // cfg.grad_accum
+        if micro % divisor:
+            raise ConfigError(
+                f"config key 'batch_size' = {cfg.batch_size}: each of the {cfg.grad_accum} "
+                f"microbatches ({micro} sequences) must split over mesh data x fsdp = {divisor} "
+                f"devices; use a batch_size that is a multiple of {divisor * cfg.grad_accum}")
+        self.dtype = DTYPES[cfg.dtype]
+        decay = jax.tree.map(lambda s: s.init == "normal", llama.param_specs(cfg.model),
+                             is_leaf=lambda x: isinstance(x, llama.ParamSpec))
+        self.schedule = lr_schedule(cfg.optimizer, cfg.steps)
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, decay)
+        self.param_shardings = rules.tree_shardings(llama.param_axes(cfg.model),
+                                                    llama.param_shapes(cfg.model))
+        self.batch_sharding = rules.sharding(("batch", "seq"))
+        self.init = jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)
+        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+                            out_shardings=(self.state_shardings, rules.replicated),
+                            donate_argnums=0)
+
+    # ------------------------------------------------------------------ shapes and shardings
+
+    @cached_property
+    def _abstract_state_unsharded(self):
+        return jax.eval_shape(self._init, self.cfg.seed)
+
+    @cached_property
+    def state_shardings(self):
+        """Params by the rule table; Adam moments like their params; counters replicated."""
+        abstract = self._abstract_state_unsharded
+        opt = optax.tree_utils.tree_map_params(
+            self.optimizer, lambda _, s: s, abstract["opt_state"], self.param_shardings,
+            transform_non_params=lambda _: self.rules.replicated)
+        return {"step": self.rules.replicated, "params": self.param_shardings, "opt_state": opt}
+
+    @cached_property
+    def abstract_state(self):
+        """ShapeDtypeStructs with shardings: a restore target and an AOT-lowering argument."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self._abstract_state_unsharded, self.state_shardings)
+
+    def abstract_batch(self, batch_size: int | None = None):
+        shape = (batch_size or self.cfg.batch_size, self.cfg.seq_len)
+        dtypes = {"loss_mask": jnp.float32}
+        return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
+                for k in BATCH_KEYS}
+
+    # ------------------------------------------------------------------ pure functions
+
+    def _init(self, seed: int):
+        params = llama.init(jax.random.key(seed), self.cfg.model)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": self.optimizer.init(params)}
+
+    def _loss_sums(self, params, batch):
+        logits_BTV, _ = llama.forward(
+            params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=self.cfg.model,
+            rules=self.rules, dtype=self.dtype, remat=self.cfg.remat)
+        return loss_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+
+    def grads(self, params, batch):
+        """Mean loss and its gradient over the batch, accumulated over `grad_accum` microbatches
+        (the same numbers as one big batch: sums are divided by the total token count once)."""
+        sums_and_grad = jax.value_and_grad(self._loss_sums, has_aux=True)
+        M = self.cfg.grad_accum
+        if M == 1:
+            (loss_sum, n), g = sums_and_grad(params, batch)
+        else:
+            def micro(carry, mb):
+                (loss_sum, n), g = sums_and_grad(params, mb)
+                g_acc, loss_acc, n_acc = carry
+                return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, n_acc + n), None
+
+            mbs = {k: self.rules.constrain(v.reshape(M, v.shape[0] // M, *v.shape[1:]),
+                                           (None, "batch", "seq"))
+                   for k, v in batch.items()}
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (g, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), mbs)
+        n = jnp.maximum(n, 1.0)
+        return loss_sum / n, jax.tree.map(lambda x: x / n, g), n
+
+    def _step(self, state, batch):
+        loss, grads, n_tokens = self.grads(state["params"], batch)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": self.schedule(state["step"]), "loss_tokens": n_tokens}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

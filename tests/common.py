@@ -1,0 +1,51 @@
+"""Small shared pieces for tests: a tiny model config and synthetic batches."""
+
+import jax
+import numpy as np
+
+from lmsys.config import from_dict
+
+# heads 8 and kv_heads 4: KV heads shard over tensor=2 and replicate over tensor=8.
+TINY_MODEL = dict(preset="tiny", vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
+                  head_dim=16, d_ff=128, qkv_bias=True)
+
+
+def tiny_config(mesh: dict | None = None, **top):
+    tree = {"model": dict(TINY_MODEL), "mesh": mesh or {}, "batch_size": 8, "seq_len": 32,
+            "optimizer": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"async_save": False}}
+    for key, value in top.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return from_dict(tree)
+
+
+def synthetic_batch(cfg, seed: int = 0, sharding=None) -> dict:
+    """Random tokens packed as two documents per row (segment ids 1 and 2), last 3 positions
+    padding (loss mask 0)."""
+    rng = np.random.default_rng(seed)
+    B, T = cfg.batch_size, cfg.seq_len
+    toks = rng.integers(0, cfg.model.vocab_size, (B, T + 1))
+    half = T // 2
+    seg = np.where(np.arange(T) < half, 1, 2)[None].repeat(B, 0)
+    pos = np.where(np.arange(T) < half, np.arange(T), np.arange(T) - half)[None].repeat(B, 0)
+    mask = np.ones((B, T), np.float32)
+    mask[:, -3:] = 0
+    batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "positions": pos,
+             "segment_ids": seg, "loss_mask": mask}
+    batch = {k: np.asarray(v, np.float32 if k == "loss_mask" else np.int32) for k, v in batch.items()}
+    if sharding is not None:
+        batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return batch
+
+
+def write_corpus(directory, n_docs: int = 40, seed: int = 0):
+    """A small text corpus with repeated structure (so a model can learn from it)."""
+    rng = np.random.default_rng(seed)
+    words = ["def", "return", "import", "class", "self", "value", "None", "for", "in", "if"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        lines = [" ".join(rng.choice(words, 6)) for _ in range(20)]
+        (directory / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    return str(directory)
