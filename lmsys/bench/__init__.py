@@ -1,0 +1,1 @@
+"""Benchmarks: lmsys against hand-written JAX baselines."""
