@@ -104,7 +104,7 @@ class Config:
 
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 
 # ----------------------------------------------------------------------------- building

@@ -2,12 +2,21 @@
 
 Shapes: q_BTNH [batch, q_len, heads, head_dim]; k_BSKH, v_BSKH [batch, kv_len, kv_heads, head_dim]
 with heads a multiple of kv_heads (grouped-query attention).
+
+Implementations: "xla" (plain jnp, below), "pallas" (lmsys.kernels.flash_attention; used for
+self-attention where positions are the sequence indices — training and prefill. A call with
+explicit q/kv positions, the KV-cache path, still runs "xla": a paged decode kernel is later work),
+"auto" ("xla" on CPU, where Pallas only interprets; "pallas" on GPU/TPU).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from lmsys.kernels.flash_attention import flash_attention
+
+IMPLS = ("auto", "xla", "pallas")
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
@@ -17,35 +26,58 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
               kv_positions_BS: jax.Array | None = None,
               causal: bool = True,
               sm_scale: float | None = None,
+              sliding_window: int | None = None,
+              logits_soft_cap: float | None = None,
               impl: str = "xla") -> jax.Array:
     """Softmax attention, out [batch, q_len, heads, head_dim] in q's dtype.
 
     Masking: a query attends to a key only if their segment ids are equal (when given; packed
-    documents never see each other) and, when `causal`, the key's position is <= the query's.
-    Positions default to the index along the sequence; a KV cache passes its slot positions.
+    documents never see each other), when `causal` the key's position is <= the query's, and with
+    `sliding_window` the key's position is > query's - window. Positions default to the index
+    along the sequence; a KV cache passes its slot positions. `logits_soft_cap`: logits become
+    cap * tanh(logits / cap).
     """
-    if impl == "xla":
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_segment_ids_BT,
-                             kv_segment_ids_BS=kv_segment_ids_BS, q_positions_BT=q_positions_BT,
-                             kv_positions_BS=kv_positions_BS, causal=causal, sm_scale=sm_scale)
-    raise ValueError(f"attention impl '{impl}' is not available; use 'xla'")
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl '{impl}' is not available; use one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "pallas" and q_positions_BT is None and kv_positions_BS is None:
+        segs = None
+        if q_segment_ids_BT is not None:
+            segs = (q_segment_ids_BT,
+                    q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS)
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segs,
+                               sm_scale=sm_scale, sliding_window=sliding_window,
+                               logits_soft_cap=logits_soft_cap)
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_segment_ids_BT,
+                         kv_segment_ids_BS=kv_segment_ids_BS, q_positions_BT=q_positions_BT,
+                         kv_positions_BS=kv_positions_BS, causal=causal, sm_scale=sm_scale,
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
-                  q_positions_BT=None, kv_positions_BS=None, causal=True, sm_scale=None):
+                  q_positions_BT=None, kv_positions_BS=None, causal=True, sm_scale=None,
+                  sliding_window=None, logits_soft_cap=None):
     """Reference attention in plain jnp: fp32 logits and softmax, grouped heads not repeated."""
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1], k_BSKH.shape[2]
     G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
+    if sliding_window is not None and (not causal or sliding_window < 1):
+        raise ValueError(f"attention: sliding_window={sliding_window} needs causal=True and a "
+                         "window >= 1")
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
     logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                               preferred_element_type=jnp.float32) * scale
+    if logits_soft_cap is not None:
+        logits_BKGTS = logits_soft_cap * jnp.tanh(logits_BKGTS / logits_soft_cap)
     mask_BTS = jnp.ones((B, T, S), dtype=bool)
     if causal:
         q_pos = jnp.arange(T)[None, :] if q_positions_BT is None else q_positions_BT
         kv_pos = jnp.arange(S)[None, :] if kv_positions_BS is None else kv_positions_BS
         mask_BTS = mask_BTS & (kv_pos[:, None, :] <= q_pos[:, :, None])
+        if sliding_window is not None:
+            mask_BTS = mask_BTS & (kv_pos[:, None, :] > q_pos[:, :, None] - sliding_window)
     if q_segment_ids_BT is not None:
         kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
         mask_BTS = mask_BTS & (q_segment_ids_BT[:, :, None] == kv_seg[:, None, :])

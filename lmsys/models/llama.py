@@ -151,13 +151,35 @@ def _constrain(rules, x, axes):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """A contiguous KV cache: slot s of row b holds the key/value of the token at position s."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """A KV cache for `batch` rows of up to `max_len` tokens: the paged layout (see `forward`)
+    with one page of `max_len` slots per row."""
+    return {"k": jnp.zeros((cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), dtype),
+            "v": jnp.zeros((cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim), dtype),
+            "page_table": jnp.arange(batch, dtype=jnp.int32)[:, None]}
 
 
-def _layer(x_BTD, lp, cache_kv, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq):
-    """One decoder block; `cache_kv` is (k_BSKH, v_BSKH) of this layer or None."""
+def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, positions_BT, impl):
+    """Writes this call's keys/values into the paged pool of `layer` and attends over each
+    row's pages. Tokens at position < 0 are padding: their writes are dropped."""
+    k_LPSKH, v_LPSKH = kv
+    n_pages, page_size = k_LPSKH.shape[1], k_LPSKH.shape[2]
+    B, P = page_table_BP.shape
+    page_BT = jnp.take_along_axis(page_table_BP, jnp.clip(positions_BT // page_size, 0, P - 1), axis=1)
+    page_BT = jnp.where(positions_BT >= 0, page_BT, n_pages)  # out of range: scatter drops it
+    slot_BT = positions_BT % page_size
+    k_LPSKH = k_LPSKH.at[layer, page_BT, slot_BT].set(k_BTKH.astype(k_LPSKH.dtype), mode="drop")
+    v_LPSKH = v_LPSKH.at[layer, page_BT, slot_BT].set(v_BTKH.astype(v_LPSKH.dtype), mode="drop")
+    K, H = k_LPSKH.shape[3], k_LPSKH.shape[4]
+    k_BSKH = k_LPSKH[layer][page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+    v_BSKH = v_LPSKH[layer][page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+    o_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
+                       kv_positions_BS=jnp.arange(P * page_size)[None, :], causal=True, impl=impl)
+    return o_BTNH, (k_LPSKH, v_LPSKH)
+
+
+def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
+           page_table_BP):
+    """One decoder block; `kv` is the (k, v) page pool of all layers, or None."""
     dtype = x_BTD.dtype
     lp = jax.tree.map(lambda w: w.astype(dtype), lp)
     act = ("batch", "seq", None)
@@ -175,20 +197,12 @@ def _layer(x_BTD, lp, cache_kv, *, cfg, rules, positions_BT, segment_ids_BT, inv
     k_BTKH = checkpoint_name(k_BTKH, "k_proj")
     v_BTKH = checkpoint_name(v_BTKH, "v_proj")
 
-    if cache_kv is None:
+    if kv is None:
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, q_segment_ids_BT=segment_ids_BT,
                            causal=True, impl=cfg.attention_impl)
-        new_kv = None
     else:
-        k_BSKH, v_BSKH = cache_kv
-        rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-        k_BSKH = k_BSKH.at[rows_B1, positions_BT].set(k_BTKH.astype(k_BSKH.dtype))
-        v_BSKH = v_BSKH.at[rows_B1, positions_BT].set(v_BTKH.astype(v_BSKH.dtype))
-        slots_1S = jnp.arange(k_BSKH.shape[1])[None, :]
-        o_BTNH = attention(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype),
-                           q_positions_BT=positions_BT, kv_positions_BS=slots_1S,
-                           causal=True, impl=cfg.attention_impl)
-        new_kv = (k_BSKH, v_BSKH)
+        o_BTNH, kv = _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP,
+                                       positions_BT, cfg.attention_impl)
     attn_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, lp["wo"])
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, attn_BTD, act), "attn_out")
 
@@ -198,7 +212,7 @@ def _layer(x_BTD, lp, cache_kv, *, cfg, rules, positions_BT, segment_ids_BT, inv
     hidden_BTF = _constrain(rules, jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
     mlp_BTD = jnp.einsum("btf,fd->btd", hidden_BTF, lp["w_down"])
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, mlp_BTD, act), "mlp_out")
-    return x_BTD, new_kv
+    return x_BTD, kv
 
 
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
@@ -211,9 +225,13 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     rules: a lmsys.parallel.Rules to pin activation shardings (None: leave it to the compiler).
     dtype: the compute dtype (parameters are cast per layer; norms and softmax run in float32).
     remat: "none" | "full" | "selective" (see REMAT_POLICIES).
-    cache: a KV cache from `init_cache`; the new keys/values are written at `positions_BT` and
-      the updated cache is returned as aux["cache"]. Queries attend to cache slots <= their
-      position (segment ids are not used with a cache).
+    cache: a KV cache: {"k", "v": [layers, pages, page_size, kv_heads, head_dim],
+      "page_table": [batch, pages_per_row] int32}. Row b's token at position p lives in page
+      page_table[b, p // page_size], slot p % page_size. This call's keys/values are written at
+      `positions_BT` (a position < 0 marks a padding token: nothing is written), then each query
+      attends to its row's slots at positions <= its own (segment ids are not used with a
+      cache). The updated cache is returned as aux["cache"]. `init_cache` makes a contiguous
+      one; lmsys.serve manages a shared pool.
     """
     inv_freq = rope_frequencies(cfg)
     # Gather the table's FSDP shards before the lookup (a gather from an fsdp-split model dim
@@ -221,16 +239,19 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     embed_VD = _constrain(rules, params["embed"].astype(dtype), ("vocab", None))
     x_BTD = embed_VD[tokens_BT]
     x_BTD = _constrain(rules, x_BTD, ("batch", "seq", None))
+    page_table_BP = None if cache is None else cache["page_table"]
 
-    def body(x, scanned):
-        lp, kv = scanned
-        return _layer(x, lp, kv, cfg=cfg, rules=rules, positions_BT=positions_BT,
-                      segment_ids_BT=segment_ids_BT, inv_freq=inv_freq)
+    def body(carry, scanned):
+        x, kv = carry
+        lp, layer = scanned
+        x, kv = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
+                       segment_ids_BT=segment_ids_BT, inv_freq=inv_freq, page_table_BP=page_table_BP)
+        return (x, kv), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    kv_L = None if cache is None else (cache["k"], cache["v"])
-    x_BTD, new_kv_L = jax.lax.scan(body, x_BTD, (params["layers"], kv_L))
+    kv = None if cache is None else (cache["k"], cache["v"])
+    (x_BTD, kv), _ = jax.lax.scan(body, (x_BTD, kv), (params["layers"], jnp.arange(cfg.n_layers)))
 
     x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
     unembed_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
@@ -239,5 +260,5 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     logits_BTV = _constrain(rules, logits_BTV, ("batch", "seq", "vocab"))
     aux = {}
     if cache is not None:
-        aux["cache"] = {"k": new_kv_L[0], "v": new_kv_L[1]}
+        aux["cache"] = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
     return logits_BTV, aux

@@ -1,0 +1,445 @@
+"""FlashAttention-2 in Pallas: online-softmax forward, dq and dk/dv backward kernels.
+
+    out_BTNH = flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=True, segment_ids=seg_BT)
+
+One kernel body per pass, shared by every backend; thin wrappers pick the layout, block sizes and
+compiler parameters:
+  - GPU (Pallas Triton): arrays stay [batch, seq, heads, head_dim]; head_dim is zero-padded to a
+    power of two >= 16 (Triton tiles are powers of two).
+  - TPU (Pallas Mosaic): arrays are transposed to [batch, heads, seq, head_dim] so each tile's
+    last two dims are (seq block, head_dim).
+  - CPU: interpret mode only (slow; for tests), GPU layout.
+Each grid step owns one (batch, head, q block) [or (batch, kv head, k block) for dk/dv] and loops
+over the other sequence inside the kernel, so the whole K/V (or Q/dO) sequence of one head is the
+kernel's input block: free on GPU (a pointer), but it must fit VMEM on TPU (long sequences need
+a tiled-grid variant, not written yet).
+
+Masking: causal by index (key j <= query i), sliding window (i - window < j), segment ids (equal
+ids only), padded keys. Blocks that are entirely masked by the causal or window rule are skipped
+by the loop bounds (never loaded). Grouped-query attention maps q head n to kv head n // G in the
+index maps; dk/dv of a kv head sum over its G q heads inside the kernel (K/V are never repeated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+DEFAULT_BLOCKS = {"gpu": 64, "tpu": 128, "cpu": 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    causal: bool
+    scale: float
+    window: int | None
+    cap: float | None
+    block_q: int
+    block_k: int
+    q_len: int           # unpadded lengths
+    kv_len: int
+    backend: str         # "gpu" | "tpu" | "cpu"
+    interpret: bool
+    has_seg: bool
+
+    @property
+    def heads_major(self) -> bool:  # TPU layout [B, N, T, H]
+        return self.backend == "tpu"
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+
+def _dot(a, b, dims):
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _logits(a, b, c: _Cfg):
+    """Scaled (and soft-capped) logits a @ b.T in fp32; also returns tanh for the cap's grad."""
+    s = _dot(a, b, _NT) * c.scale
+    if c.cap is None:
+        return s, None
+    t = jnp.tanh(s / c.cap)
+    return c.cap * t, t
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, c: _Cfg):
+    """Visibility of key k_pos to query q_pos (broadcasting [n,1] against [1,m]); None = all."""
+    mask = []
+    if c.causal:
+        mask.append(k_pos <= q_pos)
+    if c.window is not None:
+        mask.append(k_pos > q_pos - c.window)
+    if q_seg is not None:
+        mask.append(q_seg == k_seg)
+    if c.kv_len % c.block_k:
+        mask.append(k_pos < c.kv_len)
+    if not mask:
+        return None
+    return functools.reduce(jnp.logical_and, mask)
+
+
+def _div(a, b: int):
+    """Floor division of a non-negative int32 scalar (lax.div truncates: no sign op for Mosaic)."""
+    return lax.div(a, jnp.int32(b))
+
+
+def _kv_block_range(qi, c: _Cfg, n_kv_blocks):
+    """The k blocks that q block `qi` can see: [lo, hi)."""
+    lo, hi = 0, n_kv_blocks
+    if c.causal:  # last visible key: the block's last query
+        hi = jnp.minimum(hi, _div((qi + 1) * c.block_q + c.block_k - 1, c.block_k))
+    if c.window is not None:  # first visible key: first query - window + 1
+        lo = _div(jnp.maximum(qi * c.block_q - c.window + 1, 0), c.block_k)
+    return lo, hi
+
+
+def _q_block_range(kj, c: _Cfg, n_q_blocks):
+    """The q blocks that can see k block `kj`: [lo, hi)."""
+    lo, hi = 0, n_q_blocks
+    if c.causal:  # first query that sees the block's first key
+        lo = _div(kj * c.block_k, c.block_q)
+    if c.window is not None:  # last query that sees the block's last key
+        hi = jnp.minimum(hi, _div((kj + 1) * c.block_k + c.window - 2, c.block_q) + 1)
+    return lo, hi
+
+
+def _split_refs(refs, n_in, has_seg):
+    """(inputs, segment refs or (None, None), outputs)."""
+    if has_seg:
+        return refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+    return refs[:n_in], (None, None), refs[n_in:]
+
+
+def _fwd_kernel(*refs, c: _Cfg):
+    (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), (o_ref, lse_ref) = _split_refs(refs, 3, c.has_seg)
+    bq, bk = c.block_q, c.block_k
+    qi = pl.program_id(2)
+    q_QH = q_ref[...]
+    q_pos_Q1 = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_seg_Q1 = None if qseg_ref is None else qseg_ref[...]
+
+    def body(j, carry):
+        acc_QH, m_Q1, l_Q1 = carry
+        start = pl.multiple_of(j * bk, bk)
+        k_KH = k_ref[pl.ds(start, bk), :]
+        v_KH = v_ref[pl.ds(start, bk), :]
+        s_QK, _ = _logits(q_QH, k_KH, c)
+        k_pos_1K = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        k_seg_1K = None if kseg_ref is None else kseg_ref[:, pl.ds(start, bk)]
+        mask = _mask(q_pos_Q1, k_pos_1K, q_seg_Q1, k_seg_1K, c)
+        if mask is not None:
+            s_QK = jnp.where(mask, s_QK, MASK_VALUE)
+        m_new = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
+        p_QK = jnp.exp(s_QK - m_new)
+        alpha = jnp.exp(m_Q1 - m_new)
+        l_new = alpha * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
+        acc_new = alpha * acc_QH + _dot(p_QK.astype(v_KH.dtype), v_KH, _NN)
+        return acc_new, m_new, l_new
+
+    lo, hi = _kv_block_range(qi, c, k_ref.shape[0] // bk)
+    init = (jnp.zeros(q_QH.shape, jnp.float32), jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+            jnp.zeros((bq, 1), jnp.float32))
+    acc_QH, m_Q1, l_Q1 = lax.fori_loop(lo, hi, body, init)
+    l_Q1 = jnp.where(l_Q1 == 0.0, 1.0, l_Q1)  # a row with no visible block: zeros, not NaN
+    o_ref[...] = (acc_QH / l_Q1).astype(o_ref.dtype)
+    lse_ref[...] = m_Q1 + jnp.log(l_Q1)
+
+
+def _dq_kernel(*refs, c: _Cfg):
+    ins, (qseg_ref, kseg_ref), (dq_ref,) = _split_refs(refs, 6, c.has_seg)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    bq, bk = c.block_q, c.block_k
+    qi = pl.program_id(2)
+    q_QH, do_QH = q_ref[...], do_ref[...]
+    lse_Q1, delta_Q1 = lse_ref[...], delta_ref[...]
+    q_pos_Q1 = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+    q_seg_Q1 = None if qseg_ref is None else qseg_ref[...]
+
+    def body(j, dq_QH):
+        start = pl.multiple_of(j * bk, bk)
+        k_KH = k_ref[pl.ds(start, bk), :]
+        v_KH = v_ref[pl.ds(start, bk), :]
+        s_QK, t_QK = _logits(q_QH, k_KH, c)
+        p_QK = jnp.exp(s_QK - lse_Q1)
+        k_pos_1K = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        k_seg_1K = None if kseg_ref is None else kseg_ref[:, pl.ds(start, bk)]
+        mask = _mask(q_pos_Q1, k_pos_1K, q_seg_Q1, k_seg_1K, c)
+        if mask is not None:
+            p_QK = jnp.where(mask, p_QK, 0.0)
+        dp_QK = _dot(do_QH, v_KH, _NT)
+        ds_QK = p_QK * (dp_QK - delta_Q1)
+        if t_QK is not None:
+            ds_QK = ds_QK * (1.0 - t_QK * t_QK)
+        return dq_QH + _dot(ds_QK.astype(k_KH.dtype), k_KH, _NN)
+
+    lo, hi = _kv_block_range(qi, c, k_ref.shape[0] // bk)
+    dq_QH = lax.fori_loop(lo, hi, body, jnp.zeros(q_QH.shape, jnp.float32))
+    dq_ref[...] = (dq_QH * c.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, c: _Cfg, groups: int):
+    """One k block of one kv head; loops over its G q heads and the q blocks that see it.
+    Works on transposed logits s_KQ so lse/delta/segment ids of q come in as rows [1, bq]."""
+    ins, (qseg_ref, kseg_ref), (dk_ref, dv_ref) = _split_refs(refs, 6, c.has_seg)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    bq, bk = c.block_q, c.block_k
+    kj = pl.program_id(2)
+    k_KH, v_KH = k_ref[...], v_ref[...]
+    k_pos_K1 = kj * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    k_seg_K1 = None if kseg_ref is None else kseg_ref[...]
+    n_q_blocks = lse_ref.shape[-1] // bq
+
+    def rows(ref, g, start):  # [bq, H] of q head g in the group, either layout
+        if c.heads_major:
+            return ref[g, pl.ds(start, bq), :]
+        return ref[pl.ds(start, bq), g, :]
+
+    def q_body(i, carry, g):
+        dk_KH, dv_KH = carry
+        start = pl.multiple_of(i * bq, bq)
+        q_QH, do_QH = rows(q_ref, g, start), rows(do_ref, g, start)
+        lse_1Q = lse_ref[g, :, pl.ds(start, bq)]
+        delta_1Q = delta_ref[g, :, pl.ds(start, bq)]
+        s_KQ, t_KQ = _logits(k_KH, q_QH, c)
+        p_KQ = jnp.exp(s_KQ - lse_1Q)
+        q_pos_1Q = start + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+        q_seg_1Q = None if qseg_ref is None else qseg_ref[:, pl.ds(start, bq)]
+        mask = _mask(q_pos_1Q, k_pos_K1, q_seg_1Q, k_seg_K1, c)
+        if mask is not None:
+            p_KQ = jnp.where(mask, p_KQ, 0.0)
+        dv_KH = dv_KH + _dot(p_KQ.astype(do_QH.dtype), do_QH, _NN)
+        dp_KQ = _dot(v_KH, do_QH, _NT)
+        ds_KQ = p_KQ * (dp_KQ - delta_1Q)
+        if t_KQ is not None:
+            ds_KQ = ds_KQ * (1.0 - t_KQ * t_KQ)
+        dk_KH = dk_KH + _dot(ds_KQ.astype(q_QH.dtype), q_QH, _NN)
+        return dk_KH, dv_KH
+
+    lo, hi = _q_block_range(kj, c, n_q_blocks)
+
+    def g_body(g, carry):
+        return lax.fori_loop(lo, hi, functools.partial(q_body, g=g), carry)
+
+    zeros = jnp.zeros(k_KH.shape, jnp.float32)
+    dk_KH, dv_KH = lax.fori_loop(0, groups, g_body, (zeros, zeros))
+    dk_ref[...] = (dk_KH * c.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_KH.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _compiler_params(c: _Cfg, head_dim: int):
+    if c.backend == "gpu":
+        from jax.experimental.pallas import triton as plgpu
+        return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    if c.backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+    return None
+
+
+def _specs(c: _Cfg, H: int, G: int):
+    """BlockSpec makers for the layout: per-head row blocks, per-head whole sequences, and the
+    whole sequences of a kv head's group of G q heads. Grid is (batch, head, seq block)."""
+    if c.heads_major:  # [B, N, T, H]
+        def rows(n, head_of):
+            return pl.BlockSpec((None, None, n, H), lambda b, h, i: (b, head_of(h), i, 0))
+
+        def seq(n, head_of):
+            return pl.BlockSpec((None, None, n, H), lambda b, h, i: (b, head_of(h), 0, 0))
+
+        def group(n):
+            return pl.BlockSpec((None, G, n, H), lambda b, h, i: (b, h, 0, 0))
+    else:  # [B, T, N, H]
+        def rows(n, head_of):
+            return pl.BlockSpec((None, n, None, H), lambda b, h, i: (b, i, head_of(h), 0))
+
+        def seq(n, head_of):
+            return pl.BlockSpec((None, n, None, H), lambda b, h, i: (b, 0, head_of(h), 0))
+
+        def group(n):
+            return pl.BlockSpec((None, n, G, H), lambda b, h, i: (b, 0, h, 0))
+    return rows, seq, group
+
+
+def _shape(c: _Cfg, x):
+    """(batch, seq, heads, head_dim) of an array in the kernel layout."""
+    B, a, b, H = x.shape
+    return (B, b, a, H) if c.heads_major else (B, a, b, H)
+
+
+def _fwd_call(c: _Cfg, q, k, v, segs):
+    B, T, N, H = _shape(c, q)
+    S, K = _shape(c, k)[1:3]
+    G = N // K
+    rows, seq, _ = _specs(c, H, G)
+    same, kv_head = (lambda h: h), (lambda h: _div(h, G))
+    in_specs = [rows(c.block_q, same), seq(S, kv_head), seq(S, kv_head)]
+    args = [q, k, v]
+    if c.has_seg:
+        q_seg_BT1, _, _, kv_seg_B1S = segs
+        in_specs += [pl.BlockSpec((None, c.block_q, 1), lambda b, h, i: (b, i, 0)),
+                     pl.BlockSpec((None, 1, S), lambda b, h, i: (b, 0, 0))]
+        args += [q_seg_BT1, kv_seg_B1S]
+    out_specs = [rows(c.block_q, same),
+                 pl.BlockSpec((None, None, c.block_q, 1), lambda b, h, i: (b, h, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)]
+    o, lse_BNT1 = pl.pallas_call(
+        functools.partial(_fwd_kernel, c=c), grid=(B, N, T // c.block_q), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, interpret=c.interpret,
+        compiler_params=_compiler_params(c, H), name="lmsys_flash_fwd")(*args)
+    return o, lse_BNT1
+
+
+def _dq_call(c: _Cfg, q, k, v, do, lse_BNT1, delta_BNT1, segs):
+    B, T, N, H = _shape(c, q)
+    S, K = _shape(c, k)[1:3]
+    G = N // K
+    rows, seq, _ = _specs(c, H, G)
+    same, kv_head = (lambda h: h), (lambda h: _div(h, G))
+    col = pl.BlockSpec((None, None, c.block_q, 1), lambda b, h, i: (b, h, i, 0))
+    in_specs = [rows(c.block_q, same), seq(S, kv_head), seq(S, kv_head), rows(c.block_q, same),
+                col, col]
+    args = [q, k, v, do, lse_BNT1, delta_BNT1]
+    if c.has_seg:
+        q_seg_BT1, _, _, kv_seg_B1S = segs
+        in_specs += [pl.BlockSpec((None, c.block_q, 1), lambda b, h, i: (b, i, 0)),
+                     pl.BlockSpec((None, 1, S), lambda b, h, i: (b, 0, 0))]
+        args += [q_seg_BT1, kv_seg_B1S]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, c=c), grid=(B, N, T // c.block_q), in_specs=in_specs,
+        out_specs=rows(c.block_q, same), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=c.interpret, compiler_params=_compiler_params(c, H),
+        name="lmsys_flash_dq")(*args)
+
+
+def _dkv_call(c: _Cfg, q, k, v, do, lse_BN1T, delta_BN1T, segs):
+    B, T, N, H = _shape(c, q)
+    S, K = _shape(c, k)[1:3]
+    G = N // K
+    rows, _, group = _specs(c, H, G)
+    same = lambda h: h  # noqa: E731
+    row = pl.BlockSpec((None, G, 1, T), lambda b, h, j: (b, h, 0, 0))
+    in_specs = [group(T), rows(c.block_k, same), rows(c.block_k, same), group(T), row, row]
+    args = [q, k, v, do, lse_BN1T, delta_BN1T]
+    if c.has_seg:
+        _, q_seg_B1T, kv_seg_BS1, _ = segs
+        in_specs += [pl.BlockSpec((None, 1, T), lambda b, h, j: (b, 0, 0)),
+                     pl.BlockSpec((None, c.block_k, 1), lambda b, h, j: (b, j, 0))]
+        args += [q_seg_B1T, kv_seg_BS1]
+    out = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, c=c, groups=G), grid=(B, K, S // c.block_k),
+        in_specs=in_specs, out_specs=[rows(c.block_k, same), rows(c.block_k, same)],
+        out_shape=[out, out], interpret=c.interpret, compiler_params=_compiler_params(c, H),
+        name="lmsys_flash_dkv")(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(c: _Cfg, q, k, v, segs):
+    return _fwd_call(c, q, k, v, segs)[0]
+
+
+def _flash_fwd(c, q, k, v, segs):
+    o, lse_BNT1 = _fwd_call(c, q, k, v, segs)
+    return o, (q, k, v, segs, o, lse_BNT1)
+
+
+def _flash_bwd(c, res, do):
+    q, k, v, segs, o, lse_BNT1 = res
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    delta_BNT = delta if c.heads_major else delta.transpose(0, 2, 1)
+    B, N, T = delta_BNT.shape
+    delta_BNT1 = delta_BNT[..., None]
+    dq = _dq_call(c, q, k, v, do, lse_BNT1, delta_BNT1, segs)
+    dk, dv = _dkv_call(c, q, k, v, do, lse_BNT1.reshape(B, N, 1, T),
+                       delta_BNT.reshape(B, N, 1, T), segs)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _default_block(backend: str, length: int) -> int:
+    return min(DEFAULT_BLOCKS[backend], max(16, pl.next_power_of_2(length)))
+
+
+def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
+                    causal: bool = True,
+                    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+                    sm_scale: float | None = None,
+                    sliding_window: int | None = None,
+                    logits_soft_cap: float | None = None,
+                    block_q: int | None = None, block_k: int | None = None,
+                    interpret: bool | None = None, backend: str | None = None) -> jax.Array:
+    """Softmax attention as a Pallas kernel with a Pallas backward; out_BTNH in q's dtype.
+
+    segment_ids: [batch, seq] int shared by q and kv (packed documents), or a pair
+      (q_segment_ids_BT, kv_segment_ids_BS). Positions are the indices along the sequence.
+    sliding_window: query i sees keys j with i - window < j (needs causal=True).
+    logits_soft_cap: logits = cap * tanh(logits / cap), before masking.
+    block_q/block_k: tile sizes (default per backend: gpu 64, tpu 128, cpu 64, clamped to the
+      sequence); sequences are zero-padded to a multiple and padded keys masked.
+    backend: "gpu" | "tpu" | "cpu" (default: jax.default_backend()); interpret: default True
+      only on CPU. Differentiable (custom VJP: lse saved, dq and dk/dv Pallas kernels).
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    if k_BSKH.shape != (B, S, K, H) or v_BSKH.shape != k_BSKH.shape or N % K:
+        raise ValueError(f"flash_attention: q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape}: "
+                         "expected q [B,T,N,H], k = v [B,S,K,H] with N a multiple of K")
+    if sliding_window is not None and (not causal or sliding_window < 1):
+        raise ValueError(f"flash_attention: sliding_window={sliding_window} needs causal=True "
+                         "and a window >= 1")
+    backend = backend or jax.default_backend()
+    backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
+    if backend not in DEFAULT_BLOCKS:
+        raise ValueError(f"flash_attention: backend '{backend}' is not one of gpu, tpu, cpu")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    bq = block_q or _default_block(backend, T)
+    bk = block_k or _default_block(backend, S)
+    c = _Cfg(causal=causal, scale=float(H ** -0.5 if sm_scale is None else sm_scale),
+             window=sliding_window,
+             cap=None if logits_soft_cap is None else float(logits_soft_cap),
+             block_q=bq, block_k=bk, q_len=T, kv_len=S, backend=backend,
+             interpret=bool(interpret), has_seg=segment_ids is not None)
+
+    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+    Hp = max(16, pl.next_power_of_2(H)) if backend == "gpu" else H
+
+    def prep(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, Hp - H)))
+        return x.transpose(0, 2, 1, 3) if c.heads_major else x
+
+    q, k, v = prep(q_BTNH, Tp), prep(k_BSKH, Sp), prep(v_BSKH, Sp)
+    segs = None
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+        q_seg_BT = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, Tp - T)))
+        kv_seg_BS = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, Sp - S)))
+        segs = (q_seg_BT[:, :, None], q_seg_BT[:, None, :], kv_seg_BS[:, :, None],
+                kv_seg_BS[:, None, :])
+    o = _flash(c, q, k, v, segs)
+    if c.heads_major:
+        o = o.transpose(0, 2, 1, 3)
+    return o[:, :T, :, :H]

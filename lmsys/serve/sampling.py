@@ -1,0 +1,98 @@
+"""Token sampling for a batch whose rows each carry their own parameters (continuous batching).
+
+Everything here is pure jnp and jit-friendly. Each row draws with its own key,
+`fold_in(key(seed), step)`, so a request with a fixed seed produces the same tokens whatever
+batch row it lands in and whatever else shares the batch.
+"""
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SamplingParams(NamedTuple):
+    """Per-row sampling parameters, each an array of shape [B]."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array  # int32; 0 = off
+    top_p: jax.Array  # float32; 1.0 = off
+    seed: jax.Array  # uint32 (int32 with the same bits gives the same key)
+    step: jax.Array  # int32; index of the generated token within its request (0 = first)
+
+
+class SampleOutput(NamedTuple):
+    tokens_B: jax.Array  # int32
+    logprobs_B: jax.Array  # float32; log-prob of the chosen token under the raw logits
+    top_tokens_BK: jax.Array  # int32; the K most likely tokens under the raw logits
+    top_logprobs_BK: jax.Array  # float32; their log-probs, descending
+
+
+def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0) -> SamplingParams:
+    """Builds SamplingParams from scalars or per-row sequences, broadcast to one batch shape.
+
+    Seeds are taken modulo 2**32 (OpenAI seeds may be any integer).
+    """
+    seed = np.asarray(np.asarray(seed, dtype=object) % 2**32, dtype=np.uint32)
+    arrays = (
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(top_p, jnp.float32),
+        seed,
+        jnp.asarray(step, jnp.int32),
+    )
+    shape = jnp.broadcast_shapes(*(a.shape for a in arrays), (1,))
+    return SamplingParams(*(jnp.broadcast_to(a, shape) for a in arrays))
+
+
+def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
+    """One row: temperature, then top-k, then top-p, then a Gumbel-max draw with the row's key."""
+    greedy_token = jnp.argmax(logits_V).astype(jnp.int32)  # ties -> lowest index
+    scaled_V = logits_V / jnp.where(temperature > 0, temperature, 1.0)
+    order_V = jnp.argsort(-scaled_V, stable=True)  # descending; ties -> lowest index first
+    sorted_V = scaled_V[order_V]
+    rank_V = jnp.arange(sorted_V.shape[0])
+    keep_V = (top_k <= 0) | (rank_V < top_k)
+    sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+    probs_V = jax.nn.softmax(sorted_V)
+    mass_before_V = jnp.cumsum(probs_V) - probs_V
+    keep_V &= (mass_before_V < top_p) | (top_p >= 1.0) | (rank_V == 0)
+    sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    gumbel_V = jax.random.gumbel(key, sorted_V.shape, jnp.float32)
+    sampled_token = order_V[jnp.argmax(sorted_V + gumbel_V)].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled_token, greedy_token)
+
+
+def _top(logprobs_XV, k: int):
+    if k == 0:
+        shape = logprobs_XV.shape[:-1] + (0,)
+        return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
+    values, indices = jax.lax.top_k(logprobs_XV, k)
+    return indices.astype(jnp.int32), values
+
+
+@partial(jax.jit, static_argnames="num_top_logprobs")
+def sample(logits_BV, params: SamplingParams, num_top_logprobs: int = 0) -> SampleOutput:
+    """Draws one token per row with that row's parameters; log-probs are of the raw logits."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    tokens_B = jax.lax.cond(
+        jnp.all(params.temperature <= 0),  # all-greedy batch: skip the per-row vocab sort
+        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+        lambda: jax.vmap(_sample_row)(logits_BV, *params),
+    )
+    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    logprobs_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+    top_tokens_BK, top_logprobs_BK = _top(logprobs_BV, num_top_logprobs)
+    return SampleOutput(tokens_B, logprobs_B, top_tokens_BK, top_logprobs_BK)
+
+
+def next_token_logprobs(logits_BTV, targets_BT, num_top: int):
+    """Log-prob of each target (the token that follows position t) under the logits at t, and
+    the `num_top` most likely tokens there: OpenAI's prompt log-probs (`echo`)."""
+    logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    chosen_BT = jnp.take_along_axis(logprobs_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_tokens_BTK, top_logprobs_BTK = _top(logprobs_BTV, num_top)
+    return chosen_BT, top_tokens_BTK, top_logprobs_BTK
