@@ -60,6 +60,25 @@ class Checkpointer:
                 f"({str(e).splitlines()[0][:200]}); train into a new run_dir") from None
         return restored["state"], meta
 
+    def restore_params(self, model: ModelConfig, shardings=None, step: int | None = None):
+        """Only the parameters (no optimizer state), placed on `shardings` (a pytree like the
+        params; default: the first device). Returns (params, meta)."""
+        from lmsys.models import llama
+
+        step = self._step(step)
+        meta = self.meta(step)
+        check_model(meta.get("model", {}), model, f"{self.directory} step {step}")
+        shapes = llama.param_shapes(model)
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, shapes)
+        target = {"params": jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                         shapes, shardings)}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True)))
+        return restored["state"]["params"], meta
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -1,6 +1,7 @@
 """The `lmsys` command line.
 
     lmsys train CONFIG.yaml [key=value ...]
+    lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
 """
 
 from __future__ import annotations
@@ -23,6 +24,35 @@ def _train(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions
+    from lmsys.serve.load import load_model
+
+    model = load_model(args.model)
+    engine = Engine(model.params, model.config.model, model.tokenizer,
+                    EngineConfig(max_slots=max(1, len(args.prompt)), page_size=args.page_size,
+                                 max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk),
+                    eos_token_id=model.eos_token_id)
+    options = GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                stop=tuple(args.stop))
+    stream = len(args.prompt) == 1
+    reqs = []
+    for prompt in args.prompt:
+        on_event = (lambda e: print(e.text, end="", flush=True)) if stream else None
+        if stream:
+            print(prompt, end="", flush=True)
+        reqs.append(engine.add_request(engine.encode(prompt), options, on_event))
+    while engine.has_work():
+        engine.step()
+    if stream:
+        print()
+    else:
+        for prompt, req in zip(args.prompt, reqs):
+            print(f"--- {prompt!r} ({req.finish_reason})\n{prompt}{req.text}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,14 +61,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.fsdp=4 steps=200")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained run directory")
+    p.add_argument("model", help="a training run directory, e.g. runs/tiny")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.set_defaults(func=_generate)
     args = parser.parse_args(argv)
 
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
+    from lmsys.serve.engine import RequestError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, RequestError) as e:
         print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

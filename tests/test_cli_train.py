@@ -1,5 +1,6 @@
 """The quickstart as a user runs it: `lmsys train recipes/configs/tiny.yaml steps=50` on the CPU,
-on the built-in corpus, learns; re-running the command resumes instead of starting over."""
+on the built-in corpus, learns; re-running the command resumes instead of starting over; then
+`lmsys generate` serves the trained run."""
 
 import json
 import os
@@ -36,3 +37,12 @@ def test_tiny_quickstart_learns_and_resumes(tmp_path):
     again = _lmsys("train", config, "steps=50", f"run_dir={run_dir}", "--no-progress", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout and "already at step 50" in again.stdout
+
+    # the trained run serves: greedy generation through the engine, streamed to stdout
+    gen = _lmsys("generate", str(run_dir), "--prompt", "import os", "--max-tokens", "16", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("import os") and len(gen.stdout.strip()) > len("import os")
+    again = _lmsys("generate", str(run_dir), "--prompt", "import os", "--max-tokens", "16", cwd=tmp_path)
+    assert again.stdout == gen.stdout  # greedy is deterministic
+    bad = _lmsys("generate", str(tmp_path), "--prompt", "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "is not a training run directory" in bad.stderr
