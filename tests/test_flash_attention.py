@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from common import TINY_MODEL
 from jax.experimental.pallas import tpu as pltpu
 
-from common import TINY_MODEL
 from lmsys.config import from_dict
 from lmsys.kernels import attention, flash_attention, xla_attention
 from lmsys.models import llama
@@ -55,13 +55,13 @@ def _assert_close(got, want, rtol):
 
 
 CASES = {
-    "causal_gqa": dict(T=64),
-    "noncausal_mha": dict(T=64, K=4, causal=False),
-    "segments": dict(T=64, seg=True),
-    "window": dict(T=64, window=20),
-    "softcap": dict(T=64, cap=5.0),
-    "ragged_len_segments": dict(T=100, seg=True),
-    "ragged_len_mqa_all": dict(T=100, K=1, seg=True, window=17, cap=3.0, bk=64),
+    "causal_gqa": {"T": 64},
+    "noncausal_mha": {"T": 64, "K": 4, "causal": False},
+    "segments": {"T": 64, "seg": True},
+    "window": {"T": 64, "window": 20},
+    "softcap": {"T": 64, "cap": 5.0},
+    "ragged_len_segments": {"T": 100, "seg": True},
+    "ragged_len_mqa_all": {"T": 100, "K": 1, "seg": True, "window": 17, "cap": 3.0, "bk": 64},
 }
 
 
@@ -97,23 +97,22 @@ def test_blocks_outside_causal_and_window_band_are_never_computed():
     q, k, v, w = _inputs(T)
     nan = jnp.float32(jnp.nan)
     for window, bad_kv, good_rows in ((None, [3], slice(0, 96)), (32, [0, 3], slice(64, 96))):
-        kw = dict(window=window, bq=bs, bk=bs)
+        kw = {"window": window, "bq": bs, "bk": bs}
         v_bad = v
         for blk in bad_kv:
             v_bad = v_bad.at[:, blk * bs:(blk + 1) * bs].set(nan)
         out, dq, _, _ = _out_and_grads(_flash(**kw), q, k, v_bad, w)
-        r_out, r_dq, r_dk, r_dv = _out_and_grads(_ref(**kw), q, k, v, w)
+        r_out, r_dq, _, _ = _out_and_grads(_ref(**kw), q, k, v, w)
         _assert_close(out[:, good_rows], r_out[:, good_rows], 1e-5)
         _assert_close(dq[:, good_rows], r_dq[:, good_rows], 1e-5)
-        # dk/dv kernel: poison the cotangent of the q blocks that k block 1 (keys 32..63) and,
-        # without a window, k block 2 cannot see.
-        w_bad = w.at[:, :bs].set(nan) if window is None else w.at[:, :bs].set(nan).at[:, 3 * bs:].set(nan)
+        # dk/dv kernel: poison the cotangent of q blocks that k block 1 (keys 32..63) cannot see
+        # (block 0; with the window also block 3); the reference gets zeros there instead.
+        w_bad = w.at[:, :bs].set(nan)
+        if window is not None:
+            w_bad = w_bad.at[:, 3 * bs:].set(nan)
         _, _, dk, dv = _out_and_grads(_flash(**kw), q, k, v, w_bad)
+        r_dk, r_dv = _out_and_grads(_ref(**kw), q, k, v, jnp.nan_to_num(w_bad, nan=0.0))[2:]
         good_keys = slice(bs, T) if window is None else slice(bs, 2 * bs)
-        if window is not None:  # the reference with w zeroed where poisoned
-            r_dk, r_dv = _out_and_grads(_ref(**kw), q, k, v, jnp.nan_to_num(w_bad, nan=0.0))[2:]
-        else:
-            r_dk, r_dv = _out_and_grads(_ref(**kw), q, k, v, w.at[:, :bs].set(0.0))[2:]
         _assert_close(dk[:, good_keys], r_dk[:, good_keys], 1e-5)
         _assert_close(dv[:, good_keys], r_dv[:, good_keys], 1e-5)
 
@@ -126,7 +125,7 @@ def test_dispatch():
     T = 64
     q, k, v, _ = _inputs(T)
     seg = _packed(T)
-    call = lambda impl, **kw: (lambda q, k, v: attention(q, k, v, q_segment_ids_BT=seg,  # noqa: E731
+    call = lambda impl, **kw: (lambda q, k, v: attention(q, k, v, q_segment_ids_BT=seg,
                                                          impl=impl, **kw))
     out_xla = jax.jit(call("xla"))(q, k, v)
     _assert_close(jax.jit(call("pallas"))(q, k, v), out_xla, 1e-5)

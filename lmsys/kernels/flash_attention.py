@@ -11,8 +11,9 @@ compiler parameters:
   - CPU: interpret mode only (slow; for tests), GPU layout.
 Each grid step owns one (batch, head, q block) [or (batch, kv head, k block) for dk/dv] and loops
 over the other sequence inside the kernel, so the whole K/V (or Q/dO) sequence of one head is the
-kernel's input block: free on GPU (a pointer), but it must fit VMEM on TPU (long sequences need
-a tiled-grid variant, not written yet).
+kernel's input block: free on GPU (a pointer), but it must fit VMEM on TPU. With bf16, head_dim
+128 and 4 q heads per kv head, the backward compiles (AOT) up to seq 2K on v4 (16 MiB VMEM), 8K
+on v5p (64 MiB), 16K on v6e (128 MiB); longer needs a tiled-grid variant, not written yet.
 
 Masking: causal by index (key j <= query i), sliding window (i - window < j), segment ids (equal
 ids only), padded keys. Blocks that are entirely masked by the causal or window rule are skipped
@@ -27,8 +28,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -239,14 +243,34 @@ def _dkv_kernel(*refs, c: _Cfg, groups: int):
 # ----------------------------------------------------------------------------- pallas_call wrappers
 
 
-def _compiler_params(c: _Cfg, head_dim: int):
+def _call(kernel, c: _Cfg, *, grid, in_specs, out_specs, out_shape, name):
+    """pl.pallas_call with the backend's compiler parameters."""
+    head_dim = in_specs[0].block_shape[-1]
+    params = None
     if c.backend == "gpu":
-        from jax.experimental.pallas import triton as plgpu
-        return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    if c.backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
-    return None
+        params = plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    elif c.backend == "tpu":
+        params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
+                                      vmem_limit_bytes=_tpu_vmem_limit(in_specs, out_specs))
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=c.interpret, compiler_params=params,
+                          name=name)
+
+
+def _tpu_vmem_limit(in_specs, out_specs) -> int | None:
+    """Raise the scoped VMEM limit when the double-buffered blocks (whole sequences of one head,
+    padded to (8, 128) tiles, 4 bytes an element at most) need more than the default allows."""
+    need = 4 << 20  # logits tiles, accumulators, Mosaic internal scratch
+    for spec in [*in_specs, *(out_specs if isinstance(out_specs, list) else [out_specs])]:
+        *lead, sub, lane = [1 if d is None else d for d in spec.block_shape]
+        need += 2 * 4 * _round_up(sub, 8) * _round_up(lane, 128) * max(1, int(np.prod(lead)))
+    if need <= 16 << 20:
+        return None
+    try:
+        capacity = pltpu.get_tpu_info().vmem_capacity_bytes
+    except (ValueError, RuntimeError):  # no TPU attached (ahead-of-time compile): assume the smaller chips
+        capacity = 64 << 20
+    return int(min(need, capacity * 0.9))
 
 
 def _specs(c: _Cfg, H: int, G: int):
@@ -296,10 +320,9 @@ def _fwd_call(c: _Cfg, q, k, v, segs):
                  pl.BlockSpec((None, None, c.block_q, 1), lambda b, h, i: (b, h, i, 0))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)]
-    o, lse_BNT1 = pl.pallas_call(
-        functools.partial(_fwd_kernel, c=c), grid=(B, N, T // c.block_q), in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, interpret=c.interpret,
-        compiler_params=_compiler_params(c, H), name="lmsys_flash_fwd")(*args)
+    o, lse_BNT1 = _call(
+        functools.partial(_fwd_kernel, c=c), c, grid=(B, N, T // c.block_q), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, name="lmsys_flash_fwd")(*args)
     return o, lse_BNT1
 
 
@@ -318,10 +341,9 @@ def _dq_call(c: _Cfg, q, k, v, do, lse_BNT1, delta_BNT1, segs):
         in_specs += [pl.BlockSpec((None, c.block_q, 1), lambda b, h, i: (b, i, 0)),
                      pl.BlockSpec((None, 1, S), lambda b, h, i: (b, 0, 0))]
         args += [q_seg_BT1, kv_seg_B1S]
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, c=c), grid=(B, N, T // c.block_q), in_specs=in_specs,
+    return _call(
+        functools.partial(_dq_kernel, c=c), c, grid=(B, N, T // c.block_q), in_specs=in_specs,
         out_specs=rows(c.block_q, same), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=c.interpret, compiler_params=_compiler_params(c, H),
         name="lmsys_flash_dq")(*args)
 
 
@@ -330,7 +352,7 @@ def _dkv_call(c: _Cfg, q, k, v, do, lse_BN1T, delta_BN1T, segs):
     S, K = _shape(c, k)[1:3]
     G = N // K
     rows, _, group = _specs(c, H, G)
-    same = lambda h: h  # noqa: E731
+    same = lambda h: h
     row = pl.BlockSpec((None, G, 1, T), lambda b, h, j: (b, h, 0, 0))
     in_specs = [group(T), rows(c.block_k, same), rows(c.block_k, same), group(T), row, row]
     args = [q, k, v, do, lse_BN1T, delta_BN1T]
@@ -340,11 +362,10 @@ def _dkv_call(c: _Cfg, q, k, v, do, lse_BN1T, delta_BN1T, segs):
                      pl.BlockSpec((None, c.block_k, 1), lambda b, h, j: (b, j, 0))]
         args += [q_seg_B1T, kv_seg_BS1]
     out = jax.ShapeDtypeStruct(k.shape, k.dtype)
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, c=c, groups=G), grid=(B, K, S // c.block_k),
+    return _call(
+        functools.partial(_dkv_kernel, c=c, groups=G), c, grid=(B, K, S // c.block_k),
         in_specs=in_specs, out_specs=[rows(c.block_k, same), rows(c.block_k, same)],
-        out_shape=[out, out], interpret=c.interpret, compiler_params=_compiler_params(c, H),
-        name="lmsys_flash_dkv")(*args)
+        out_shape=[out, out], name="lmsys_flash_dkv")(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

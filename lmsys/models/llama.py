@@ -170,8 +170,8 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     k_LPSKH = k_LPSKH.at[layer, page_BT, slot_BT].set(k_BTKH.astype(k_LPSKH.dtype), mode="drop")
     v_LPSKH = v_LPSKH.at[layer, page_BT, slot_BT].set(v_BTKH.astype(v_LPSKH.dtype), mode="drop")
     K, H = k_LPSKH.shape[3], k_LPSKH.shape[4]
-    k_BSKH = k_LPSKH[layer][page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
-    v_BSKH = v_LPSKH[layer][page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+    k_BSKH = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+    v_BSKH = v_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
     o_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
                        kv_positions_BS=jnp.arange(P * page_size)[None, :], causal=True, impl=impl)
     return o_BTNH, (k_LPSKH, v_LPSKH)

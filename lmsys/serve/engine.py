@@ -7,7 +7,9 @@
 ## The page pool (the contract with lmsys.kernels' paged attention)
 
     k_pages, v_pages: [n_layers, num_pages, page_size, n_kv_heads, head_dim], the compute dtype
-    page_table:       [rows, pages_per_seq] int32 (one row per sequence in a call)
+    page_table:       [rows, pages] int32 (one row per sequence in a call; `pages` is at most
+                      max_seq_len / page_size, and a decode call passes only as many as the
+                      longest sequence in it needs, rounded up to a bucket)
 
 Token p of a sequence lives in page `page_table[row, p // page_size]`, slot `p % page_size`.
 Page ids are indices into the pool's second axis; every page is usable. Entries of a row past
@@ -26,9 +28,9 @@ one chunk. When the pool runs out of pages, the newest running request is preemp
 are freed and it goes back to the front of the queue, to be recomputed from its prompt plus
 the tokens it already generated (sampling is seeded per token, so the text is unchanged).
 
-Shapes are padded to buckets (prefill: chunk lengths; decode: batch sizes, powers of two), so
-the compilations are exactly `len(prefill_buckets) + len(decode_buckets)`, all done by
-`warmup()`. In batch-invariant mode there is one bucket of each, the largest, so a request's
+Shapes are padded to buckets (prefill: chunk lengths; decode: batch size x pages per row,
+powers of two, so a decode step attends over the pages in use, not the whole context), so the
+compilations are exactly `len(prefill_buckets) + len(decode_buckets)`, all done by `warmup()`. In batch-invariant mode there is one bucket of each, the largest, so a request's
 numbers never depend on what else is running.
 """
 
@@ -172,10 +174,11 @@ class Engine:
         self.num_pages = c.num_pages or self._pages_from_memory()
         self.pool = PagePool(self.num_pages)
         if c.batch_invariant:
-            self.prefill_buckets, self.decode_buckets = [c.prefill_chunk], [c.max_slots]
+            self.prefill_buckets = [c.prefill_chunk]
+            self.decode_buckets = [(c.max_slots, self.pages_per_seq)]
         else:
             self.prefill_buckets = [b for b in _buckets(c.prefill_chunk) if b >= min(8, c.prefill_chunk)]
-            self.decode_buckets = _buckets(c.max_slots)
+            self.decode_buckets = [(b, p) for b in _buckets(c.max_slots) for p in _buckets(self.pages_per_seq)]
 
         if rules is not None:
             shardings = rules.tree_shardings(llama.param_axes(model), llama.param_shapes(model))
@@ -354,15 +357,16 @@ class Engine:
         self.stats["prefill_chunks"] += 1
 
     def _decode_batch(self, batch: list[Request]) -> None:
-        B = next(b for b in self.decode_buckets if b >= len(batch))
+        need = max(len(r.pages) for r in batch)
+        B, P = next((b, p) for b, p in self.decode_buckets if b >= len(batch) and p >= need)
         toks = np.zeros(B, np.int32)
         pos = np.full(B, -1, np.int32)
-        table = np.zeros((B, self.pages_per_seq), np.int32)
+        table = np.zeros((B, P), np.int32)
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         seed, step = np.zeros(B, np.uint32), np.zeros(B, np.int32)
         for i, r in enumerate(batch):
             o = r.options
-            toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)
+            toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)[:P]
             temp[i], top_k[i], top_p[i] = o.temperature, o.top_k, o.top_p
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
@@ -410,23 +414,23 @@ class Engine:
 
     def warmup(self, progress: bool = True) -> int:
         """Compiles every prefill and decode bucket now; returns how many were compiled."""
-        shapes = [("prefill", c) for c in self.prefill_buckets] + [("decode", b) for b in self.decode_buckets]
+        shapes = [("prefill", c, self.pages_per_seq) for c in self.prefill_buckets]
+        shapes += [("decode", b, p) for b, p in self.decode_buckets]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(shapes), desc="warm-up (compiling)", unit="shape")
-        for kind, n in shapes:
+        for kind, n, pages in shapes:
+            table = np.zeros((1 if kind == "prefill" else n, pages), np.int32)
             if kind == "prefill":
                 z = np.zeros((1, n), np.int32)
-                _, self.kv = self._prefill(self.params, self.kv, z, z - 1, z,
-                                           np.zeros((1, self.pages_per_seq), np.int32))
+                _, self.kv = self._prefill(self.params, self.kv, z, z - 1, z, table)
             else:
                 z = np.zeros(n, np.int32)
                 sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32),
                                           np.zeros(n, np.uint32), z)
-                _, self.kv = self._decode(self.params, self.kv,
-                                          (z, z - 1, np.zeros((n, self.pages_per_seq), np.int32), sampling),
+                _, self.kv = self._decode(self.params, self.kv, (z, z - 1, table, sampling),
                                           MAX_TOP_LOGPROBS)
             if bar:
                 bar.update(1)
