@@ -2,11 +2,13 @@
 
     lmsys train CONFIG.yaml [key=value ...]
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
+    lmsys serve RUN_DIR --port 8000 [--api-key KEY]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,15 +26,24 @@ def _train(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions
+def _engine(args, max_slots: int, batch_invariant: bool = False):
+    """A run directory's model in an engine configured by the shared serving flags."""
+    from lmsys.serve.engine import Engine, EngineConfig
     from lmsys.serve.load import load_model
 
     model = load_model(args.model)
-    engine = Engine(model.params, model.config.model, model.tokenizer,
-                    EngineConfig(max_slots=max(1, len(args.prompt)), page_size=args.page_size,
-                                 max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk),
-                    eos_token_id=model.eos_token_id)
+    config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
+                          max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                          batch_invariant=batch_invariant, dtype=model.config.dtype,
+                          quantize=args.quantize)
+    return model, Engine(model.params, model.config.model, model.tokenizer, config,
+                         eos_token_id=model.eos_token_id)
+
+
+def _generate(args) -> int:
+    from lmsys.serve.engine import GenerationOptions
+
+    _, engine = _engine(args, max_slots=len(args.prompt))
     options = GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 stop=tuple(args.stop))
@@ -53,6 +64,28 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from lmsys.serve.server import load_chat_template, serve
+
+    model, engine = _engine(args, args.max_slots, args.batch_invariant)
+    print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "
+          f"{args.max_slots} slots", flush=True)
+    engine.warmup(progress=not args.no_progress)
+    serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
+          api_key=args.api_key, chat_template=load_chat_template(model.config.data.tokenizer))
+    return 0
+
+
+def _engine_flags(p) -> None:
+    p.add_argument("model", help="a training run directory, e.g. runs/tiny")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--num-pages", type=int, default=0, help="KV pages; 0 = from free device memory")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
+                   help="weight-only quantization of the matrices")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="generate text from a trained run directory")
-    p.add_argument("model", help="a training run directory, e.g. runs/tiny")
+    _engine_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -71,10 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=256)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="serve a trained run directory over an OpenAI-compatible HTTP API")
+    _engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LMSYS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LMSYS_API_KEY; none = open)")
+    p.add_argument("--name", default=None, help="the model id clients use (default: the run dir's name)")
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="one shape per call: a request's output never depends on the others")
+    p.add_argument("--no-progress", action="store_true", help="no warm-up progress bar")
+    p.set_defaults(func=_serve)
     args = parser.parse_args(argv)
 
     from lmsys.checkpoint import CheckpointError
@@ -87,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lmsys {args.command}: interrupted; re-run the same command to resume from the "
-              "last checkpoint", file=sys.stderr)
+        resume = "; re-run the same command to resume from the last checkpoint" if args.command == "train" else ""
+        print(f"lmsys {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 
 

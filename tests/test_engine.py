@@ -196,3 +196,20 @@ def test_sampling_options(setup):
     token = free.generated[4]
     by_token = engine.generate([prompt], GenerationOptions(max_tokens=30, stop_token_ids=(token,)))[0]
     assert by_token.finish_reason == "stop" and by_token.generated == free.generated[:free.generated.index(token) + 1]
+
+
+@pytest.mark.parametrize("mode, qtype, tol", [("int8", jnp.int8, 0.02), ("fp8", jnp.float8_e4m3fn, 0.1)])
+def test_weight_only_quantization_stores_low_precision_weights(setup, mode, qtype, tol):
+    cfg, params, _, forward = setup
+    engine = _engine(setup, quantize=mode)
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        assert engine.params["layers"][name].qvalue.dtype == qtype
+    assert engine.params["embed"].dtype == jnp.float32  # embeddings stay exact
+    tokens = jnp.array([_prompts(1, 9, 30, 31)[0]])
+    exact = forward(params, tokens)
+    quantized = jax.jit(lambda p, t: llama.forward(p, t, jnp.arange(t.shape[1])[None], cfg=cfg)[0][0])(
+        engine.params, tokens)
+    rel = float(jnp.linalg.norm(quantized - exact) / jnp.linalg.norm(exact))
+    assert 0 < rel < tol, rel
+    [req] = engine.generate([tokens[0].tolist()], GenerationOptions(max_tokens=6))
+    assert len(req.generated) == 6

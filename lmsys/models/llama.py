@@ -146,6 +146,22 @@ REMAT_POLICIES = {
 }
 
 
+def _is_quantized(w) -> bool:
+    return hasattr(w, "qvalue")  # a qwix QArray (lmsys.serve.quantize)
+
+
+def materialize(tree, dtype):
+    """Parameters in the compute dtype; quantized ones are dequantized first."""
+    def one(w):
+        if _is_quantized(w):
+            import qwix
+
+            w = qwix.dequantize(w)
+        return w.astype(dtype)
+
+    return jax.tree.map(one, tree, is_leaf=_is_quantized)
+
+
 def _constrain(rules, x, axes):
     return x if rules is None else rules.constrain(x, axes)
 
@@ -181,7 +197,7 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
            page_table_BP):
     """One decoder block; `kv` is the (k, v) page pool of all layers, or None."""
     dtype = x_BTD.dtype
-    lp = jax.tree.map(lambda w: w.astype(dtype), lp)
+    lp = materialize(lp, dtype)
     act = ("batch", "seq", None)
 
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
@@ -255,7 +271,7 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
 
     x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
     unembed_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_DV.astype(dtype),
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, materialize(unembed_DV, dtype),
                             preferred_element_type=jnp.float32)
     logits_BTV = _constrain(rules, logits_BTV, ("batch", "seq", "vocab"))
     aux = {}

@@ -71,6 +71,7 @@ class EngineConfig:
     prefill_chunk: int = 64  # tokens per prefill call at most
     batch_invariant: bool = False
     dtype: str = "float32"
+    quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
 
 
 @dataclass
@@ -186,11 +187,15 @@ class Engine:
             kv = rules.sharding((None, None, None, "kv_heads", None),
                                 (1, 1, 1, model.n_kv_heads, model.head_dim))
             self._kv_sharding = kv
+        if c.quantize != "none":
+            from lmsys.serve.quantize import quantize_params
+
+            params = jax.jit(quantize_params, static_argnums=1)(params, c.quantize)
         self.params = params
         shape = (model.n_layers, self.num_pages, c.page_size, model.n_kv_heads, model.head_dim)
-        make = jax.jit(lambda: jnp.zeros(shape, self.dtype),
-                       out_shardings=None if rules is None else self._kv_sharding)
-        self.kv = (make(), make())
+        self._empty_pages = jax.jit(lambda: jnp.zeros(shape, self.dtype),
+                                    out_shardings=None if rules is None else self._kv_sharding)
+        self.reset_cache()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=1)
         self._decode = jax.jit(self._decode_fn, donate_argnums=1, static_argnums=3)
 
@@ -200,6 +205,11 @@ class Engine:
         self.lock = threading.Lock()
         self.stats = {"decode_steps": 0, "prefill_chunks": 0, "max_decode_batch": 0,
                       "preemptions": 0, "generated_tokens": 0, "finished": 0}
+
+    def reset_cache(self) -> None:
+        """A fresh, empty page pool (e.g. after a failed step that had been handed the old one);
+        requests that held pages must have been aborted."""
+        self.kv = (self._empty_pages(), self._empty_pages())
 
     # ------------------------------------------------------------------ memory
 
