@@ -3,6 +3,8 @@
     lmsys train CONFIG.yaml [key=value ...]
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
     lmsys serve RUN_DIR --port 8000 [--api-key KEY]
+    lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
+    lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     history = train(cfg, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() != 0:  # in a multi-process job only process 0 reports
+        return 0
     if history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}; run dir {cfg.run_dir}")
@@ -76,8 +82,22 @@ def _serve(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from lmsys.interop.hf import hf_to_lmsys, lmsys_to_hf
+
+    if args.direction == "from-hf":
+        out = hf_to_lmsys(args.src, args.out)
+        print(f"wrote lmsys checkpoint {out}; try: lmsys generate {out} --prompt 'Hello'")
+    else:
+        out = lmsys_to_hf(args.src, args.out, dtype=args.dtype, step=args.step,
+                          max_shard_size=int(args.max_shard_size_mb * 2**20))
+        print(f"wrote Hugging Face model {out}")
+    return 0
+
+
 def _engine_flags(p) -> None:
-    p.add_argument("model", help="a training run directory, e.g. runs/tiny")
+    p.add_argument("model", help="a training run directory (e.g. runs/tiny), the output of "
+                                 "`lmsys convert from-hf`, or a Hugging Face model directory")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0, help="KV pages; 0 = from free device memory")
     p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
@@ -118,17 +138,33 @@ def main(argv: list[str] | None = None) -> int:
                    help="one shape per call: a request's output never depends on the others")
     p.add_argument("--no-progress", action="store_true", help="no warm-up progress bar")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("convert", help="convert checkpoints from/to Hugging Face safetensors")
+    p.add_argument("direction", choices=["from-hf", "to-hf"],
+                   help="from-hf: HF model dir -> lmsys checkpoint dir; to-hf: run dir -> HF model dir")
+    p.add_argument("src", metavar="SRC", help="from-hf: a Hugging Face model directory; to-hf: a run directory")
+    p.add_argument("out", metavar="OUT_DIR", help="the directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="to-hf: the dtype of the written tensors")
+    p.add_argument("--step", type=int, default=None, help="to-hf: the checkpoint step (default: latest)")
+    p.add_argument("--max-shard-size-mb", type=float, default=5120,
+                   help="to-hf: split model.safetensors into files of at most this size")
+    p.set_defaults(func=_convert)
     args = parser.parse_args(argv)
 
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
     from lmsys.serve.engine import RequestError
+    from lmsys.train.loop import TrainingError
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, RequestError) as e:
         print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         resume = "; re-run the same command to resume from the last checkpoint" if args.command == "train" else ""
         print(f"lmsys {args.command}: interrupted{resume}", file=sys.stderr)

@@ -84,12 +84,23 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process jobs. Empty: a launcher's environment (SLURM, Open MPI, Cloud TPU) is
+    detected, else one process."""
+
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0 = from the launcher
+    process_id: int = -1  # -1 = from the launcher
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -100,6 +111,7 @@ class Config:
     dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
     log_every: int = 1
     peak_flops: float = 0.0  # per device, for MFU; 0 = known peak of the device kind
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (they are skipped)
 
 
 REMAT_POLICIES = ("none", "full", "selective")
@@ -305,6 +317,13 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.max_documents >= 0, "data.max_documents", cfg.data.max_documents, "must be >= 0")
     _check(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
 
+    dist = cfg.distributed
+    _check(dist.num_processes >= 0, "distributed.num_processes", dist.num_processes, "must be >= 0 (0 = auto)")
+    _check(dist.process_id >= -1, "distributed.process_id", dist.process_id, "must be >= 0, or -1 (auto)")
+    _check(dist.process_id < max(dist.num_processes, dist.process_id + 1), "distributed.process_id",
+           dist.process_id, f"must be below distributed.num_processes ({dist.num_processes})")
+    _check(not dist.coordinator_address or ":" in dist.coordinator_address, "distributed.coordinator_address",
+           dist.coordinator_address, "must be host:port")
     _check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     _check(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
@@ -312,6 +331,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.batch_size % cfg.grad_accum == 0, "batch_size", cfg.batch_size,
            f"must be divisible by grad_accum ({cfg.grad_accum})")
     _check(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1")
+    _check(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "must be >= 1")
     _check(cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "must be >= 0 (0 = known device peak)")
     _check(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
     _check(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")

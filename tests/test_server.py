@@ -347,6 +347,8 @@ def test_chat_template_like_hugging_face(tmp_path):
     assert load_chat_template(str(tok_dir / "tokenizer.json")) == template
     assert load_chat_template(str(tok_dir)) == template
     assert load_chat_template("builtin") is None
+    (tok_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # transformers 5's file
+    assert load_chat_template(str(tok_dir)) == "{{ messages[0]['content'] }}"
     out = ChatTemplate(template, "<s>", "</s>").render([{"role": "user", "content": "hi"}])
     assert out == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     default = ChatTemplate(DEFAULT_CHAT_TEMPLATE, "", "").render([{"role": "user", "content": "hi"}])

@@ -5,7 +5,8 @@ with heads a multiple of kv_heads (grouped-query attention).
 
 Implementations: "xla" (plain jnp, below), "pallas" (lmsys.kernels.flash_attention; used for
 self-attention where positions are the sequence indices — training and prefill. A call with
-explicit q/kv positions, the KV-cache path, still runs "xla": a paged decode kernel is later work),
+explicit q/kv positions runs "xla"; the KV-cache decode step (one query token per row) is routed by
+the model to lmsys.kernels.paged_attention when `resolve_impl(impl) == "pallas"`),
 "auto" ("xla" on CPU, where Pallas only interprets; "pallas" on GPU/TPU).
 """
 
@@ -17,6 +18,15 @@ import jax.numpy as jnp
 from lmsys.kernels.flash_attention import flash_attention
 
 IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation `impl` runs as here: "auto" becomes "xla" on CPU, else "pallas"."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl '{impl}' is not available; use one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return impl
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
@@ -37,10 +47,7 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
     along the sequence; a KV cache passes its slot positions. `logits_soft_cap`: logits become
     cap * tanh(logits / cap).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl '{impl}' is not available; use one of {', '.join(IMPLS)}")
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    impl = resolve_impl(impl)
     if impl == "pallas" and q_positions_BT is None and kv_positions_BS is None:
         segs = None
         if q_segment_ids_BT is not None:

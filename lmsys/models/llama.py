@@ -176,7 +176,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, positions_BT, impl):
     """Writes this call's keys/values into the paged pool of `layer` and attends over each
-    row's pages. Tokens at position < 0 are padding: their writes are dropped."""
+    row's pages. Tokens at position < 0 are padding: their writes are dropped. A decode step
+    (one token per row) with impl resolving to "pallas" runs the paged kernel (GPU, TPU; CPU
+    interpret), else the pages are gathered into a dense sequence for `attention`."""
+    from lmsys.kernels import paged_attention, resolve_impl
+    from lmsys.kernels.paged_attention import supported_backend as paged_supported
     k_LPSKH, v_LPSKH = kv
     n_pages, page_size = k_LPSKH.shape[1], k_LPSKH.shape[2]
     B, P = page_table_BP.shape
@@ -185,6 +189,12 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     slot_BT = positions_BT % page_size
     k_LPSKH = k_LPSKH.at[layer, page_BT, slot_BT].set(k_BTKH.astype(k_LPSKH.dtype), mode="drop")
     v_LPSKH = v_LPSKH.at[layer, page_BT, slot_BT].set(v_BTKH.astype(v_LPSKH.dtype), mode="drop")
+    if q_BTNH.shape[1] == 1 and resolve_impl(impl) == "pallas" and paged_supported():
+        # decode: the kernel reads this layer's pages in place; row b sees positions <= its own
+        lengths_B = jnp.maximum(positions_BT[:, 0] + 1, 0)
+        o_BNH = paged_attention(q_BTNH[:, 0], k_LPSKH, v_LPSKH, lengths_B, page_table_BP,
+                                layer=layer)
+        return o_BNH[:, None], (k_LPSKH, v_LPSKH)
     K, H = k_LPSKH.shape[3], k_LPSKH.shape[4]
     k_BSKH = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
     v_BSKH = v_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)

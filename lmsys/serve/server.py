@@ -306,12 +306,18 @@ class _Gate:
 
 
 def load_chat_template(tokenizer_spec: str) -> str | None:
-    """`chat_template` of the tokenizer_config.json beside a tokenizer.json (file or directory),
-    or None (then the server uses DEFAULT_CHAT_TEMPLATE)."""
+    """The chat template beside a tokenizer.json (file or directory): chat_template.jinja, else
+    `chat_template` of tokenizer_config.json; None if neither (then DEFAULT_CHAT_TEMPLATE)."""
     path = os.path.expanduser(tokenizer_spec)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if not directory:
+        return None
+    jinja = os.path.join(directory, "chat_template.jinja")  # where transformers 5 saves it
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read() or None
     config = os.path.join(directory, "tokenizer_config.json")
-    if not directory or not os.path.isfile(config):
+    if not os.path.isfile(config):
         return None
     with open(config) as f:
         template = json.load(f).get("chat_template")

@@ -10,6 +10,8 @@ position restored, so the run continues exactly as if it had not stopped.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +23,36 @@ from lmsys.checkpoint import Checkpointer, make_meta
 from lmsys.config import Config, save_config
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
+from lmsys.parallel.distributed import initialize as initialize_distributed
 from lmsys.train.metrics import MetricsWriter, mfu, peak_flops
 from lmsys.train.step import BATCH_KEYS, Trainer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message says what to do."""
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to stop after the current step, with
+    a checkpoint. A second signal acts as usual (e.g. KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._old[signum])
+
+    def __exit__(self, *_):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def load_data(cfg: Config):
@@ -55,6 +85,7 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     stop_at: stop (with a checkpoint) after this step instead, to train in pieces; the
       learning-rate schedule still spans `cfg.steps`, so pieces add up to one whole run.
     Returns the metrics logged by this call (one dict per logged step)."""
+    initialize_distributed(cfg.distributed)
     run_dir = Path(cfg.run_dir)
     lead = jax.process_index() == 0
     mesh = build_mesh(cfg.mesh, devices)
@@ -86,29 +117,48 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     history = []
     t_last, steps_since = time.perf_counter(), 0
     try:
-        while step < last:
-            local = dataset.batch(data_index, cfg.batch_size, jax.process_index(), jax.process_count())
-            state, metrics = step_fn(state, global_batch(local, trainer.batch_sharding, cfg.batch_size))
-            data_index += cfg.batch_size
-            step += 1
-            steps_since += 1
-            if step % cfg.log_every == 0 or step == last:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                tps = steps_since * tokens_per_step / (now - t_last)
-                t_last, steps_since = now, 0
-                record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                          "learning_rate": m["learning_rate"], "tokens_per_second": tps,
-                          "mfu": mfu(tps, flops_per_token, mesh.size, peak)}
-                history.append(record)
-                if writer:
-                    writer.write(record)
+        with _StopSignals() as signals:
+            while step < last:
+                local = dataset.batch(data_index, cfg.batch_size, jax.process_index(), jax.process_count())
+                state, metrics = step_fn(state, global_batch(local, trainer.batch_sharding, cfg.batch_size))
+                data_index += cfg.batch_size
+                step += 1
+                steps_since += 1
+                stopping = signals.received is not None
+                if step % cfg.log_every == 0 or step == last or stopping:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    tps = steps_since * tokens_per_step / (now - t_last)
+                    t_last, steps_since = now, 0
+                    record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                              "learning_rate": m["learning_rate"], "tokens_per_second": tps,
+                              "mfu": mfu(tps, flops_per_token, mesh.size, peak),
+                              "nonfinite_streak": int(m["nonfinite_streak"])}
+                    history.append(record)
+                    if writer:
+                        writer.write(record)
+                    if bar:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                    if m["nonfinite_streak"] >= cfg.max_nonfinite_steps:
+                        good = ckpt.latest_step()
+                        where = (f"the last good checkpoint is {ckpt.directory / str(good)}" if good is not None
+                                 else "there is no checkpoint yet")
+                        raise TrainingError(
+                            f"loss or gradients were not finite for {int(m['nonfinite_streak'])} steps in "
+                            f"a row (to step {step}; those updates were skipped); {where}; lower "
+                            f"optimizer.lr, raise optimizer.warmup_steps or check the data")
                 if bar:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
-            if bar:
-                bar.update(1)
-            if step == last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh))
+                    bar.update(1)
+                periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+                if periodic and int(metrics["nonfinite_streak"]) > 0:
+                    periodic = False  # keep the last checkpoint a good one while steps are skipped
+                if step == last or stopping or periodic:
+                    ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh))
+                if stopping:
+                    if lead:
+                        print(f"lmsys train: {signals.received} received: stopped after step {step} with a "
+                              f"checkpoint; re-run the same command to resume", flush=True)
+                    break
     finally:
         ckpt.close()
         if bar:

@@ -88,7 +88,8 @@ class Trainer:
         opt = optax.tree_utils.tree_map_params(
             self.optimizer, lambda _, s: s, abstract["opt_state"], self.param_shardings,
             transform_non_params=lambda _: self.rules.replicated)
-        return {"step": self.rules.replicated, "params": self.param_shardings, "opt_state": opt}
+        return {"step": self.rules.replicated, "params": self.param_shardings, "opt_state": opt,
+                "nonfinite_streak": self.rules.replicated}
 
     @cached_property
     def abstract_state(self):
@@ -107,7 +108,7 @@ class Trainer:
     def _init(self, seed: int):
         params = llama.init(jax.random.key(seed), self.cfg.model)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": self.optimizer.init(params)}
+                "opt_state": self.optimizer.init(params), "nonfinite_streak": jnp.zeros((), jnp.int32)}
 
     def _loss_sums(self, params, batch):
         logits_BTV, _ = llama.forward(
@@ -137,9 +138,16 @@ class Trainer:
         return loss_sum / n, jax.tree.map(lambda x: x / n, g), n
 
     def _step(self, state, batch):
+        """One update. A step whose loss or gradients are not finite changes no parameter or
+        optimizer state; it is counted in `nonfinite_streak` (reset by the next good step)."""
         loss, grads, n_tokens = self.grads(state["params"], batch)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": self.schedule(state["step"]), "loss_tokens": n_tokens}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]),
+                   "loss_tokens": n_tokens, "nonfinite_streak": streak}
+        return {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak}, metrics

@@ -1,0 +1,78 @@
+"""Faults a long run meets: non-finite losses are skipped and then stop the run with a clear
+message; SIGTERM (preemption) finishes the step, writes a checkpoint and exits 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from common import synthetic_batch, tiny_config, write_corpus
+from lmsys.parallel import Rules, build_mesh
+from lmsys.train import Trainer
+from lmsys.train.loop import TrainingError, train
+
+
+def test_nonfinite_step_changes_nothing_and_is_counted():
+    cfg = tiny_config({"fsdp": 8})
+    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh)))
+    state = trainer.init(0)
+    before = jax.device_get(state)
+    bad = synthetic_batch(cfg)
+    bad["loss_mask"][0, 0] = np.nan
+    state, m = trainer.step(state, {k: jax.device_put(v, trainer.batch_sharding) for k, v in bad.items()})
+    assert int(m["nonfinite_streak"]) == 1 and int(state["step"]) == 1
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(before["params"]) + jax.tree.leaves(before["opt_state"]),
+                    jax.tree.leaves(after["params"]) + jax.tree.leaves(after["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    state, m = trainer.step(state, synthetic_batch(cfg, sharding=trainer.batch_sharding))
+    assert int(m["nonfinite_streak"]) == 0 and np.isfinite(float(m["loss"]))
+
+
+class _PoisonedData:
+    """Real batches, except that from sample `start` on the loss mask is NaN."""
+
+    def __init__(self, cfg, start):
+        self.cfg, self.start = cfg, start
+
+    def batch(self, index, size, process_index=0, process_count=1):
+        b = synthetic_batch(self.cfg, seed=index)
+        if index >= self.start:
+            b["loss_mask"][:] = np.nan
+        return b
+
+
+def test_nonfinite_losses_stop_the_run_pointing_at_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config({"fsdp": 8}, steps=10, run_dir=str(tmp_path / "run"), max_nonfinite_steps=3,
+                      checkpoint={"every": 2})
+    with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(to step 7; those updates "
+                                            r"were skipped\); the last good checkpoint is .*checkpoints/4;"):
+        train(cfg, progress=False, dataset=_PoisonedData(cfg, start=4 * cfg.batch_size))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+    run_dir = tmp_path / "run"
+    corpus = write_corpus(tmp_path / "corpus")
+    args = [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", "steps=100000",
+            f"run_dir={run_dir}", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.vocab_size=512", "model.n_layers=2", "model.d_model=64", "model.head_dim=16",
+            "model.d_ff=128", "batch_size=4", "seq_len=32", "checkpoint.every=0", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(args, cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"SIGTERM received: stopped after step {last} with a checkpoint" in out
+    assert (run_dir / "checkpoints" / str(last)).is_dir()

@@ -1,0 +1,66 @@
+"""Two processes on this machine (4 emulated CPU devices each, joined by
+jax.distributed over loopback) train exactly like one process with 8 devices, write one
+checkpoint together, and a single process restores it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from common import write_corpus
+from lmsys.checkpoint import Checkpointer
+from lmsys.config import load_config
+from lmsys.parallel import Rules, build_mesh
+from lmsys.train import Trainer
+from lmsys.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["model.preset=tiny", "model.vocab_size=512", "model.n_layers=2", "model.d_model=64",
+             "model.head_dim=16", "model.d_ff=128", "batch_size=8", "seq_len=32", "mesh.fsdp=4",
+             "mesh.data=2", "checkpoint.every=2", "checkpoint.async_save=false", "optimizer.warmup_steps=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_and_checkpoint_together(tmp_path):
+    data = [f"data.source={write_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    two = tmp_path / "two"
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *data,
+         "steps=6", f"run_dir={two}", f"distributed.coordinator_address=127.0.0.1:{port}",
+         "distributed.num_processes=2", f"distributed.process_id={i}", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "step 6: loss" in outs[0][0] and "loss" not in outs[1][0]  # only process 0 reports
+    two_losses = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert (two / "checkpoints" / "6").is_dir()
+
+    # the same run in this one process with 8 devices
+    one_cfg = load_config(ROOT / "recipes/configs/tiny.yaml", [*OVERRIDES, *data, "steps=6",
+                                                               f"run_dir={tmp_path / 'one'}"])
+    one = train(one_cfg, progress=False)
+    np.testing.assert_allclose(two_losses, [r["loss"] for r in one], rtol=1e-5)
+
+    # one process restores what two processes saved
+    trainer = Trainer(one_cfg, Rules(build_mesh(one_cfg.mesh)))
+    states = []
+    for run in (two, tmp_path / "one"):
+        ckpt = Checkpointer(run / "checkpoints")
+        states.append(jax.device_get(ckpt.restore(trainer.abstract_state, one_cfg.model)[0]))
+        ckpt.close()
+    assert states[0]["step"] == states[1]["step"] == 6
+    for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
