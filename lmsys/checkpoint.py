@@ -108,3 +108,26 @@ def check_model(saved: dict, model: ModelConfig, where: str) -> None:
 def make_meta(step: int, data_index: int, model: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
     return {"step": step, "data_index": data_index, "model": dataclasses.asdict(model),
             "mesh": {k: int(v) for k, v in mesh.shape.items()}}
+
+
+def load_run(run_dir: str | Path, rules=None, step: int | None = None):
+    """A run directory's config (`config.yaml`) and the parameters of its latest (or given)
+    checkpoint, sharded by `rules` (default: one device). Returns (Config, params, meta)."""
+    from lmsys.config import load_config
+    from lmsys.models import llama
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not an lmsys run directory (no config.yaml)")
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoints/ yet; train or convert into it first")
+    cfg = load_config(run_dir / "config.yaml")
+    shardings = None
+    if rules is not None:
+        shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        params, meta = ckpt.restore_params(cfg.model, shardings, step)
+    finally:
+        ckpt.close()
+    return cfg, params, meta

@@ -519,24 +519,12 @@ def lmsys_to_hf(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32"
                 max_shard_size: int = 5 * 2**30, rules=None) -> Path:
     """`lmsys convert to-hf`: an HF directory from a training run directory or the output of
     `convert from-hf` (config.yaml + checkpoints/)."""
-    from lmsys.checkpoint import Checkpointer
-    from lmsys.config import MeshConfig, load_config
-    from lmsys.models import llama
+    from lmsys.checkpoint import load_run
+    from lmsys.config import MeshConfig
     from lmsys.parallel import Rules, build_mesh
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConversionError(f"{run_dir} is not an lmsys run directory (no config.yaml)")
-    if not (run_dir / "checkpoints").is_dir():
-        raise ConversionError(f"{run_dir} has no checkpoints/; train or convert into it first")
-    cfg = load_config(run_dir / "config.yaml")
-    rules = rules or Rules(build_mesh(MeshConfig()))
-    shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        params, _ = ckpt.restore_params(cfg.model, shardings, step)
-    finally:
-        ckpt.close()
+    cfg, params, _ = load_run(run_dir, rules or Rules(build_mesh(MeshConfig())), step)
     base = None
     if (run_dir / SOURCE_CONFIG).is_file():
         base = json.loads((run_dir / SOURCE_CONFIG).read_text())

@@ -7,8 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmsys.checkpoint import CheckpointError, Checkpointer
-from lmsys.config import Config, load_config
+from lmsys.checkpoint import CheckpointError, load_run
+from lmsys.config import Config
 
 
 @dataclass
@@ -28,7 +28,6 @@ def load_model(path: str | Path, rules=None, step: int | None = None) -> LoadedM
     *.safetensors) is read directly (step 0)."""
     from lmsys.data import eos_id, load_tokenizer
     from lmsys.interop.hf import is_hf_dir
-    from lmsys.models import llama
 
     run_dir = Path(path)
     if not (run_dir / "config.yaml").is_file() and is_hf_dir(run_dir):
@@ -37,21 +36,11 @@ def load_model(path: str | Path, rules=None, step: int | None = None) -> LoadedM
         raise CheckpointError(f"{run_dir} is not a training run directory (no config.yaml) nor a "
                               f"Hugging Face model directory (config.json + *.safetensors); pass "
                               f"the run_dir of an `lmsys train` run")
-    if not (run_dir / "checkpoints").is_dir():
-        raise CheckpointError(f"{run_dir} has no checkpoints/ yet; train it first")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg, params, meta = load_run(run_dir, rules, step)
     tok_spec = cfg.data.tokenizer
     if (tok_spec != "builtin" and not Path(tok_spec).expanduser().exists()
             and (run_dir / "tokenizer.json").is_file()):
         cfg.data.tokenizer = str(run_dir / "tokenizer.json")  # the directory was moved
-    shardings = None
-    if rules is not None:
-        shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    try:
-        params, meta = ckpt.restore_params(cfg.model, shardings, step)
-    finally:
-        ckpt.close()
     d = cfg.data
     tokenizer = load_tokenizer(d.tokenizer, cfg.model.vocab_size, source=d.source,
                                cache_dir=d.cache_dir or None, max_documents=d.max_documents,

@@ -6,7 +6,6 @@ Embeddings stay in float (a tied embedding is also the output projection; both s
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 QUANT_TYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
