@@ -9,6 +9,8 @@ renames it when complete, so a crash mid-save never leaves a step that looks fin
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import jax
@@ -28,18 +30,45 @@ class CheckpointError(ValueError):
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        # cleanup_tmp_directories: a save cut short (kill -9, full disk) leaves a temporary
+        # directory that never counts as a step; it is removed at the next start.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
+        self._writing: int | None = None  # the step being saved
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Starts saving `state` at `step` (returns before the write ends when async)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        """Starts saving `state` at `step` (returns before the write ends when async). A failed
+        write (e.g. a full disk) raises CheckpointError here or at the next save / wait."""
+        try:
+            self.manager.wait_until_finished()  # a failure of the previous save is its own
+            self._writing = step
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            raise self._write_error(e) from None
+
+    def _write_error(self, e: Exception) -> CheckpointError:
+        self._failed = True
+        os_error = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's errors carry errno
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        elif os_error:
+            reason = os.strerror(int(os_error.group(1)))
+        else:
+            reason = str(e).splitlines()[0][:300]
+        complete = [s for s in self.manager.all_steps(read=True) if s != self._writing]
+        last = f"step {max(complete)}, which is intact" if complete else "none"
+        return CheckpointError(
+            f"writing checkpoint step {self._writing} to {self.directory} failed ({reason}); the "
+            f"last complete checkpoint is {last}; free space or fix the directory, then re-run "
+            f"to resume")
 
     def meta(self, step: int | None = None) -> dict:
         step = self._step(step)
@@ -80,11 +109,22 @@ class Checkpointer:
         return restored["state"]["params"], meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(e) from None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a pending save (raising CheckpointError if it failed), then closes."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
 
     def _step(self, step: int | None) -> int:
         if step is None:

@@ -76,3 +76,79 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert f"SIGTERM received: stopped after step {last} with a checkpoint" in out
     assert (run_dir / "checkpoints" / str(last)).is_dir()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: room for one checkpoint of the test model, not for two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, small_disk):
+    from lmsys.checkpoint import CheckpointError, Checkpointer
+
+    cfg = tiny_config({"fsdp": 8}, steps=6, run_dir=str(small_disk / "run"), checkpoint={"every": 2, "keep": 3},
+                      data={"source": write_corpus(tmp_path / "corpus"), "cache_dir": str(tmp_path / "cache")},
+                      model={"vocab_size": 512})
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step 4 to .* failed \(No space left on "
+                                              r"device\); the last complete checkpoint is step 2, which is intact"):
+        train(cfg, progress=False)
+    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh)))
+    ckpt = Checkpointer(small_disk / "run" / "checkpoints")
+    state, meta = ckpt.restore(trainer.abstract_state, cfg.model)
+    ckpt.close()
+    assert meta["step"] == 2 and int(state["step"]) == 2
+
+
+def test_kill_9_any_number_of_times_ends_bit_identical(tmp_path):
+    """kill -9 at random moments (also mid-save: a checkpoint every step) and re-run: every
+    restart resumes from a complete checkpoint, and the end equals an uninterrupted run."""
+    from lmsys.checkpoint import load_run
+
+    corpus = write_corpus(tmp_path / "corpus")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def command(run_dir):
+        return [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", "steps=12",
+                f"run_dir={run_dir}", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                "model.vocab_size=512", "model.n_layers=2", "model.d_model=64", "model.head_dim=16",
+                "model.d_ff=128", "batch_size=4", "seq_len=32", "checkpoint.every=1", "--no-progress"]
+
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    straight = subprocess.run(command(tmp_path / "straight"), cwd=cwd, env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(2):
+        proc = subprocess.Popen(command(killed), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        metrics = killed / "metrics.jsonl"
+        target = 3 * (attempt + 1)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (
+                metrics.exists() and len(metrics.read_text().splitlines()) >= target):
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0, 0.3)))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1
+    last = subprocess.run(command(killed), cwd=cwd, env=env, capture_output=True, text=True)
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "resuming" in last.stdout
+
+    _, a, meta_a = load_run(tmp_path / "straight")
+    _, b, meta_b = load_run(killed)
+    assert meta_a["step"] == meta_b["step"] == 12 and meta_a["data_index"] == meta_b["data_index"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
