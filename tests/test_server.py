@@ -3,14 +3,12 @@ chat (plain and streamed), n, logprobs, echo, usage, errors, disconnects, metric
 invariance under 32 concurrent clients. A tiny random model served in-process by uvicorn."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import jax
 import pytest
-import uvicorn
 from common import tiny_config, write_corpus
 from openai import (
     APIStatusError,
@@ -26,6 +24,7 @@ from lmsys.models import llama
 from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.server import (
     DEFAULT_CHAT_TEMPLATE,
+    BackgroundServer,
     ChatTemplate,
     create_app,
     load_chat_template,
@@ -40,23 +39,13 @@ class _Served:
     def __init__(self, engine, api_key=None):
         self.engine = engine
         self.app = create_app(engine, MODEL, engine.tokenizer, api_key=api_key)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
+        self.background = BackgroundServer(self.app)
+        self.port, self.url = self.background.port, self.background.url
         self.client = OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "none", max_retries=0, timeout=60)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.background.stop()
 
 
 @pytest.fixture(scope="module")

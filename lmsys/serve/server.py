@@ -785,4 +785,42 @@ def serve(engine: Engine, model_name: str, tokenizer, host: str = "127.0.0.1", p
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "APIError", "EngineLoop", "create_app", "load_chat_template", "serve"]
+class BackgroundServer:
+    """An app served by uvicorn on a thread of this process, for notebooks and tests:
+
+        with BackgroundServer(create_app(engine, "tiny", tokenizer)) as server:
+            OpenAI(base_url=f"{server.url}/v1", api_key="x")...
+
+    `port=0` takes a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+        import socket
+
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind((host, port))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.url} within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.stop()
+
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "APIError", "BackgroundServer", "EngineLoop", "create_app",
+           "load_chat_template", "serve"]

@@ -1,0 +1,27 @@
+"""The notebooks run top to bottom (in a fresh kernel, as a user would), and are kept in git
+without outputs."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS][:3] == ["01_quickstart.ipynb", "02_sharding.ipynb", "03_serving.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path):
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in nb.cells if c.cell_type == "code"), f"{path.name} has outputs: strip them"
+    # as on a laptop: one CPU device unless the notebook asks for more (02 does); the
+    # compilation cache of the test suite is shared
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
