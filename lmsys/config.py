@@ -64,6 +64,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+    zero1: bool = False  # ZeRO-1: split the Adam moments over `data` too (params stay replicated there)
 
 
 @dataclass

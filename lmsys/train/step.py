@@ -83,10 +83,16 @@ class Trainer:
 
     @cached_property
     def state_shardings(self):
-        """Params by the rule table; Adam moments like their params; counters replicated."""
+        """Params by the rule table; Adam moments like their params (with `optimizer.zero1`,
+        also split over `data`: ZeRO-1); counters replicated."""
         abstract = self._abstract_state_unsharded
+        moments = self.param_shardings
+        if self.cfg.optimizer.zero1:
+            table = {**self.rules.table, "embed": ("fsdp", "data")}
+            moments = Rules(self.rules.mesh, table).tree_shardings(
+                llama.param_axes(self.cfg.model), llama.param_shapes(self.cfg.model))
         opt = optax.tree_utils.tree_map_params(
-            self.optimizer, lambda _, s: s, abstract["opt_state"], self.param_shardings,
+            self.optimizer, lambda _, s: s, abstract["opt_state"], moments,
             transform_non_params=lambda _: self.rules.replicated)
         return {"step": self.rules.replicated, "params": self.param_shardings, "opt_state": opt,
                 "nonfinite_streak": self.rules.replicated}
