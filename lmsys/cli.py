@@ -5,6 +5,8 @@
     lmsys serve RUN_DIR --port 8000 [--api-key KEY]
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
     lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16]
+    lmsys registry register RUN_DIR --name NAME   # then: alias, list, show, delete
+    lmsys serve models:/NAME@ALIAS                # serve and generate take models:/NAME/VERSION too
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def _convert(args) -> int:
 
 def _engine_flags(p) -> None:
     p.add_argument("model", help="a training run directory (e.g. runs/tiny), the output of "
-                                 "`lmsys convert from-hf`, or a Hugging Face model directory")
+                                 "`lmsys convert from-hf`, a Hugging Face model directory, or a "
+                                 "registered model (models:/NAME@ALIAS, models:/NAME/VERSION)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0, help="KV pages; 0 = from free device memory")
     p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size-mb", type=float, default=5120,
                    help="to-hf: split model.safetensors into files of at most this size")
     p.set_defaults(func=_convert)
+
+    from lmsys.interop.registry import add_parser as add_registry_parser
+
+    add_registry_parser(sub)
     args = parser.parse_args(argv)
 
     from lmsys.checkpoint import CheckpointError

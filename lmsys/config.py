@@ -51,7 +51,9 @@ class MeshConfig:
 
     data: int = 1
     fsdp: int = -1
+    sequence: int = 1  # context parallelism: each device holds 1/sequence of every sequence
     tensor: int = 1
+    sequence_method: str = "ring"  # ring (K/V passed around with ppermute) | allgather
 
 
 @dataclass
@@ -82,6 +84,9 @@ class DataConfig:
     max_documents: int = 0  # 0 = all documents
     cache_dir: str = ""  # "" = $LMSYS_CACHE_DIR or ~/.cache/lmsys
     shuffle: bool = True
+    # "text": documents, loss on every token; "chat": JSONL with `messages` ([{role, content}])
+    # rendered with the tokenizer's chat template, loss on assistant tokens only.
+    format: str = "text"
 
 
 @dataclass
@@ -95,6 +100,15 @@ class DistributedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking beside metrics.jsonl/TensorBoard (process 0 only)."""
+
+    mlflow: bool = False  # log the config as params and each metrics record to an MLflow run
+    uri: str = ""  # MLflow tracking URI; "" = $LMSYS_REGISTRY_URI or the local registry database
+    experiment: str = "lmsys"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -102,6 +116,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -113,11 +128,17 @@ class Config:
     log_every: int = 1
     peak_flops: float = 0.0  # per device, for MFU; 0 = known peak of the device kind
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (they are skipped)
+    # Fine-tune: a Hugging Face model directory or an lmsys run/convert directory whose weights
+    # start a fresh run (model.* and, unless set, data.tokenizer come from there). "" = random init.
+    init_from: str = ""
 
 
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost first
+SEQUENCE_METHODS = ("ring", "allgather")
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
+DATA_FORMATS = ("text", "chat")
 
 
 # ----------------------------------------------------------------------------- building
@@ -289,12 +310,17 @@ def validate(cfg: Config) -> None:
     _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
            f"must be one of {', '.join(ATTENTION_IMPLS)}")
 
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in MESH_AXES:
         v = getattr(cfg.mesh, axis)
         _check(v == -1 or v >= 1, f"mesh.{axis}", v, "must be a positive device count or -1 (fill)")
-    fills = [a for a in ("data", "fsdp", "tensor") if getattr(cfg.mesh, a) == -1]
+    fills = [a for a in MESH_AXES if getattr(cfg.mesh, a) == -1]
     _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
            f"only one mesh axis may be -1, got {', '.join(fills)}")
+    _check(cfg.mesh.sequence_method in SEQUENCE_METHODS, "mesh.sequence_method", cfg.mesh.sequence_method,
+           f"must be one of {', '.join(SEQUENCE_METHODS)}")
+    if cfg.mesh.sequence > 1:
+        _check(cfg.seq_len % cfg.mesh.sequence == 0, "seq_len", cfg.seq_len,
+               f"must be divisible by mesh.sequence ({cfg.mesh.sequence})")
     t = cfg.mesh.tensor
     if t > 1:
         _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
@@ -317,6 +343,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     _check(cfg.data.max_documents >= 0, "data.max_documents", cfg.data.max_documents, "must be >= 0")
     _check(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
+    _check(cfg.data.format in DATA_FORMATS, "data.format", cfg.data.format,
+           f"must be one of {', '.join(DATA_FORMATS)}")
+    _check(cfg.data.format != "chat" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
+           "data.tokenizer", cfg.data.tokenizer,
+           "data.format=chat needs the model's tokenizer: set init_from=MODEL_DIR or data.tokenizer=PATH")
 
     dist = cfg.distributed
     _check(dist.num_processes >= 0, "distributed.num_processes", dist.num_processes, "must be >= 0 (0 = auto)")
@@ -337,3 +368,5 @@ def validate(cfg: Config) -> None:
     _check(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
     _check(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
+           "must name an MLflow experiment, e.g. lmsys")

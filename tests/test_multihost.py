@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -64,3 +65,30 @@ def test_two_processes_train_like_one_and_checkpoint_together(tmp_path):
     assert states[0]["step"] == states[1]["step"] == 6
     for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_all_after_the_same_step(tmp_path):
+    import signal
+
+    data = [f"data.source={write_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *data,
+         "steps=100000", f"run_dir={run_dir}", "checkpoint.every=0",
+         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # only the second process is preempted
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"stopped after step {last} with a checkpoint" in outs[0][0]
+    steps = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == [str(last)]

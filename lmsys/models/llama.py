@@ -223,7 +223,11 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     k_BTKH = checkpoint_name(k_BTKH, "k_proj")
     v_BTKH = checkpoint_name(v_BTKH, "v_proj")
 
-    if kv is None:
+    if kv is None and rules is not None and rules.mesh.shape.get("sequence", 1) > 1:
+        from lmsys.parallel.context import context_parallel_attention
+
+        o_BTNH = context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules)
+    elif kv is None:
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, q_segment_ids_BT=segment_ids_BT,
                            causal=True, impl=cfg.attention_impl)
     else:

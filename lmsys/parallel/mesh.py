@@ -15,17 +15,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lmsys.config import MESH_AXES as CONFIG_MESH_AXES
 from lmsys.config import ConfigError, MeshConfig
 
-# Mesh axes, outermost first. Later strategies (stage, sequence, expert) add theirs here.
-MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes, outermost first (the config owns the list). Later strategies (stage, expert) add
+# theirs there.
+MESH_AXES = CONFIG_MESH_AXES
 
 # Logical axis -> the mesh axes that split it (in order), or () for replicated.
 # `embed` is the model dimension of parameters: FSDP (ZeRO-3) splits parameters along it.
 # Activations leave their model dimension unnamed (None): their batch already uses `fsdp`.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
-    "seq": (),
+    "seq": ("sequence",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -79,6 +81,7 @@ class Rules:
 
     mesh: Mesh
     table: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    sequence_method: str = "ring"  # how attention runs when `sequence` splits the sequence
 
     def spec(self, axes: LogicalAxes, shape: Sequence[int] | None = None) -> P:
         """The PartitionSpec for an array with these logical axes. Mesh axes of size 1 are

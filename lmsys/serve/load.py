@@ -21,14 +21,19 @@ class LoadedModel:
     step: int
 
 
-def load_model(path: str | Path, rules=None, step: int | None = None) -> LoadedModel:
+def load_model(path: str | Path, rules=None, step: int | None = None,
+               registry_uri: str | None = None) -> LoadedModel:
     """A training run directory (with `config.yaml` and `checkpoints/`, e.g. written by `lmsys
     train` or `lmsys convert from-hf`): the latest (or given) checkpoint's parameters, sharded by
     `rules` when given, and the run's tokenizer. A Hugging Face model directory (config.json +
-    *.safetensors) is read directly (step 0)."""
+    *.safetensors) is read directly (step 0). A registered model, `models:/NAME@ALIAS` or
+    `models:/NAME/VERSION` (registry: `registry_uri`, else $LMSYS_REGISTRY_URI or the local one),
+    loads its recorded checkpoint once its files still match the registered sha256."""
     from lmsys.data import eos_id, load_tokenizer
     from lmsys.interop.hf import is_hf_dir
 
+    if isinstance(path, str) and path.startswith("models:/"):
+        return _load_registered(path, rules, step, registry_uri)
     run_dir = Path(path)
     if not (run_dir / "config.yaml").is_file() and is_hf_dir(run_dir):
         return _load_hf_dir(run_dir, rules)
@@ -46,6 +51,18 @@ def load_model(path: str | Path, rules=None, step: int | None = None) -> LoadedM
                                cache_dir=d.cache_dir or None, max_documents=d.max_documents,
                                text_field=d.text_field)
     return LoadedModel(run_dir.name, cfg, params, tokenizer, eos_id(tokenizer), int(meta["step"]))
+
+
+def _load_registered(ref: str, rules, step: int | None, registry_uri: str | None) -> LoadedModel:
+    """A registered model version: resolve, verify the checkpoint's hash, load its run dir."""
+    from lmsys.interop.registry import RegistryError, resolve_verified
+
+    resolved = resolve_verified(ref, registry_uri)
+    if step is not None and step != resolved.step:
+        raise RegistryError(f"{ref} is {resolved} at step {resolved.step}, not step {step}")
+    model = load_model(resolved.run_dir, rules, resolved.step)
+    model.name = resolved.name
+    return model
 
 
 def _load_hf_dir(hf_dir: Path, rules) -> LoadedModel:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lmsys.checkpoint import Checkpointer, make_meta
 from lmsys.config import Config, save_config
@@ -55,15 +56,133 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def load_data(cfg: Config):
-    """The tokenizer and the packed dataset of a config (tokenized once, then cached)."""
-    from lmsys.data import build_dataset, load_tokenizer
+# Model keys that are choices of this run, not of the weights: kept from the config with init_from.
+_RUN_MODEL_KEYS = ("preset", "attention_impl", "init_std")
 
+
+def resolve_init_from(cfg: Config) -> Config:
+    """With `init_from` set: the config whose model.* come from the source (an HF config.json or
+    an lmsys run's config.yaml) and whose data.tokenizer is the source's (unless set), init_from
+    made absolute. A model.* key set in the config to another value than the source's is an
+    error naming it. Without init_from: `cfg` unchanged. Idempotent."""
+    if not cfg.init_from:
+        return cfg
+    import dataclasses
+
+    from lmsys.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+    from lmsys.interop.hf import config_from_hf, read_hf_config
+
+    src = Path(cfg.init_from).expanduser().absolute()
+    if not src.is_dir():
+        raise ConfigError(f"config key 'init_from' = {cfg.init_from!r}: no such directory; give a Hugging "
+                          f"Face model directory (config.json + *.safetensors) or an lmsys run directory "
+                          f"(config.yaml + checkpoints/)")
+    kind = _init_kind(src)
+    if kind == "hf":
+        model = config_from_hf(read_hf_config(src))
+        tokenizer = str(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else None
+    elif kind == "lmsys":
+        source_cfg = load_config(src / "config.yaml")
+        model, tokenizer = source_cfg.model, _source_tokenizer(source_cfg, src, Path(cfg.run_dir))
+    else:
+        raise ConfigError(f"config key 'init_from' = {cfg.init_from!r}: neither a Hugging Face model "
+                          f"directory (config.json + *.safetensors) nor an lmsys run directory (config.yaml)")
+    if cfg.model.preset:
+        raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r}: the model comes from "
+                          f"init_from ({src}); remove model.preset")
+    default, mine, theirs = (dataclasses.asdict(m) for m in (ModelConfig(), cfg.model, model))
+    for key, value in mine.items():
+        if key not in _RUN_MODEL_KEYS and value != default[key] and value != theirs[key]:
+            raise ConfigError(f"config key 'model.{key}' = {value!r}: the model comes from init_from "
+                              f"({src}), which has model.{key} = {theirs[key]!r}; remove model.{key}")
+    tree = to_dict(cfg)
+    tree["model"] = {**theirs, **{k: mine[k] for k in _RUN_MODEL_KEYS}}
+    tree["init_from"] = str(src)
+    if cfg.data.tokenizer == "builtin":
+        if tokenizer is None:
+            raise ConfigError(f"config key 'data.tokenizer' = 'builtin': init_from {src} has no "
+                              f"tokenizer.json; set data.tokenizer=PATH to the model's tokenizer")
+        tree["data"]["tokenizer"] = tokenizer
+    return from_dict(tree)
+
+
+def _init_kind(src: Path) -> str | None:
+    """"hf" (config.json and safetensors, or config.json alone: its weights are only read on a
+    fresh start), "lmsys" (config.yaml) or None."""
+    from lmsys.interop.hf import is_hf_dir
+
+    if is_hf_dir(src):
+        return "hf"
+    if (src / "config.yaml").is_file():
+        return "lmsys"
+    return "hf" if (src / "config.json").is_file() else None
+
+
+def _source_tokenizer(source_cfg: Config, src: Path, run_dir: Path) -> str:
+    """The tokenizer.json path of an lmsys run; a trained (builtin) one is written to
+    run_dir/tokenizer.json so the fine-tune does not retrain it on its own data."""
+    spec = source_cfg.data.tokenizer
+    if spec != "builtin":
+        path = Path(spec).expanduser()
+        if not path.is_absolute() and (src / path).exists():
+            path = src / path
+        path = path.absolute()
+        return str(path / "tokenizer.json" if path.is_dir() else path)
+    from lmsys.data import load_tokenizer
+    from lmsys.data.cache import atomic_write_text
+
+    d = source_cfg.data
+    tokenizer = load_tokenizer("builtin", source_cfg.model.vocab_size, source=d.source,
+                               cache_dir=d.cache_dir or None, max_documents=d.max_documents,
+                               text_field=d.text_field)
+    out = run_dir.absolute() / "tokenizer.json"
+    atomic_write_text(str(out), tokenizer.to_str())
+    return str(out)
+
+
+def _state_from_params(trainer: Trainer, params):
+    """A fresh train state (step 0, new optimizer state) around loaded params, on the
+    trainer's shardings."""
+    import jax.numpy as jnp
+
+    def init(p):
+        p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": trainer.optimizer.init(p),
+                "nonfinite_streak": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, in_shardings=(trainer.param_shardings,), out_shardings=trainer.state_shardings)(params)
+
+
+def load_init_params(cfg: Config, trainer: Trainer):
+    """The params of `cfg.init_from` (resolved), loaded straight onto the training shardings."""
+    from lmsys.checkpoint import load_run
+    from lmsys.interop.hf import load_hf
+
+    src = Path(cfg.init_from)
+    if _init_kind(src) == "lmsys":
+        _, params, _ = load_run(src, trainer.rules)
+    else:
+        params, _ = load_hf(src, trainer.param_shardings)
+    return params
+
+
+def load_data(cfg: Config):
+    """The tokenizer and the packed dataset of a config (tokenized once, then cached); with
+    data.format=chat, conversations rendered with the tokenizer's chat template."""
+    from lmsys.data import build_chat_dataset, build_dataset, load_tokenizer
+
+    cfg = resolve_init_from(cfg)
     d = cfg.data
     cache_dir = d.cache_dir or None
     tokenizer = load_tokenizer(d.tokenizer, cfg.model.vocab_size, source=d.source,
                                cache_dir=cache_dir, max_documents=d.max_documents,
                                text_field=d.text_field)
+    if d.format == "chat":
+        from lmsys.serve.server import load_chat_template
+
+        return build_chat_dataset(d.source, tokenizer, load_chat_template(d.tokenizer), cfg.seq_len,
+                                  cfg.seed, tokenizer_spec=d.tokenizer, max_conversations=d.max_documents,
+                                  cache_dir=cache_dir, shuffle=d.shuffle)
     return build_dataset(d.source, tokenizer, cfg.seq_len, cfg.seed, text_field=d.text_field,
                          max_documents=d.max_documents, cache_dir=cache_dir, shuffle=d.shuffle)
 
@@ -86,10 +205,11 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
       learning-rate schedule still spans `cfg.steps`, so pieces add up to one whole run.
     Returns the metrics logged by this call (one dict per logged step)."""
     initialize_distributed(cfg.distributed)
+    cfg = resolve_init_from(cfg)
     run_dir = Path(cfg.run_dir)
     lead = jax.process_index() == 0
     mesh = build_mesh(cfg.mesh, devices)
-    rules = Rules(mesh)
+    rules = Rules(mesh, sequence_method=cfg.mesh.sequence_method)
     trainer = Trainer(cfg, rules)
     dataset = dataset if dataset is not None else load_data(cfg)
 
@@ -100,6 +220,10 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
         data_index = int(meta["data_index"])
         if lead:
             print(f"resuming {run_dir} from step {meta['step']}", flush=True)
+    elif cfg.init_from:
+        state, data_index = _state_from_params(trainer, load_init_params(cfg, trainer)), 0
+        if lead:
+            print(f"initialized {run_dir} from {cfg.init_from}", flush=True)
     else:
         state, data_index = trainer.init(cfg.seed), 0
     if lead:
@@ -109,6 +233,11 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     step = int(state["step"])
     step_fn = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
     writer = MetricsWriter(run_dir) if lead else None
+    tracker = None
+    if lead and cfg.tracking.mlflow:  # mlflow is imported only when enabled
+        from lmsys.interop.registry import MlflowTracker
+
+        tracker = MlflowTracker(cfg)
     bar = _progress_bar(cfg.steps, step) if (progress and lead) else None
     flops_per_token = llama.flops_per_token(cfg.model, cfg.seq_len)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.peak_flops)
@@ -125,6 +254,8 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
                 step += 1
                 steps_since += 1
                 stopping = signals.received is not None
+                if jax.process_count() > 1:  # all processes stop after the same step, together
+                    stopping = bool(np.any(multihost_utils.process_allgather(np.asarray(stopping))))
                 if step % cfg.log_every == 0 or step == last or stopping:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
@@ -137,6 +268,8 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
                     history.append(record)
                     if writer:
                         writer.write(record)
+                    if tracker:
+                        tracker.write(record)
                     if bar:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
                     if m["nonfinite_streak"] >= cfg.max_nonfinite_steps:
@@ -156,15 +289,23 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
                     ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh))
                 if stopping:
                     if lead:
-                        print(f"lmsys train: {signals.received} received: stopped after step {step} with a "
+                        print(f"lmsys train: {signals.received or 'a stop signal on another process'} received: "
+                              f"stopped after step {step} with a "
                               f"checkpoint; re-run the same command to resume", flush=True)
                     break
-    finally:
-        ckpt.close()
-        if bar:
-            bar.close()
-        if writer:
-            writer.close()
+    except BaseException:
+        # close what is open without letting a second error (e.g. the same full disk) hide this one
+        for close in (ckpt.close, bar and bar.close, writer and writer.close, tracker and tracker.close):
+            if close:
+                try:
+                    close()
+                except Exception:
+                    pass
+        raise
+    ckpt.close()
+    for closer in (bar, writer, tracker):
+        if closer:
+            closer.close()
     return history
 
 

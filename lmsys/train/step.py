@@ -69,7 +69,9 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, decay)
         self.param_shardings = rules.tree_shardings(llama.param_axes(cfg.model),
                                                     llama.param_shapes(cfg.model))
-        self.batch_sharding = rules.sharding(("batch", "seq"))
+        # Input rows arrive whole on each device of their batch shard (each process loads whole
+        # rows); inside the model activations split the sequence over `sequence`.
+        self.batch_sharding = rules.sharding(("batch", None))
         self.init = jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)
         self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
                             out_shardings=(self.state_shardings, rules.replicated),
