@@ -8,6 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+PLOTS = {"01_quickstart": 1, "02_sharding": 1}  # notebooks that draw figures, and how many
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -25,3 +26,7 @@ def test_notebook_runs(path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
+    if path.stem in PLOTS:  # the plots were drawn
+        images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if "image/png" in o.get("data", {})]
+        assert len(images) >= PLOTS[path.stem], f"{path.name}: {len(images)} image/png outputs"

@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmsys.config import ModelConfig
 from lmsys.kernels import attention
+from lmsys.kernels.attention import resolve_impl
 
 
 class ParamSpec(NamedTuple):
@@ -227,6 +228,10 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
         from lmsys.parallel.context import context_parallel_attention
 
         o_BTNH = context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules)
+    elif kv is None and rules is not None and rules.mesh.size > 1 and resolve_impl(cfg.attention_impl) == "pallas":
+        from lmsys.parallel.kernels import sharded_flash_attention
+
+        o_BTNH = sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules)
     elif kv is None:
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, q_segment_ids_BT=segment_ids_BT,
                            causal=True, impl=cfg.attention_impl)
