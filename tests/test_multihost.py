@@ -1,9 +1,10 @@
 """Two processes on this machine (4 emulated CPU devices each, joined by
 jax.distributed over loopback) train exactly like one process with 8 devices, write one
-checkpoint together, and a single process restores it."""
+checkpoint together that a single process restores, and resume what a single process saved."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -65,6 +66,25 @@ def test_two_processes_train_like_one_and_checkpoint_together(tmp_path):
     assert states[0]["step"] == states[1]["step"] == 6
     for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    # and two processes resume what one process saved: steps 7-8 as one process continues
+    shutil.copytree(tmp_path / "one", tmp_path / "one_then_two")
+    more = [*OVERRIDES, *data, "steps=8"]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *more,
+         f"run_dir={tmp_path / 'one_then_two'}", f"distributed.coordinator_address=127.0.0.1:{port}",
+         "distributed.num_processes=2", f"distributed.process_id={i}", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "resuming" in outs[0][0]
+    resumed = [json.loads(line) for line in (tmp_path / "one_then_two" / "metrics.jsonl").read_text().splitlines()]
+    alone = train(load_config(ROOT / "recipes/configs/tiny.yaml", [*more, f"run_dir={tmp_path / 'one'}"]),
+                  progress=False)
+    assert [r["step"] for r in resumed[-2:]] == [r["step"] for r in alone] == [7, 8]
+    np.testing.assert_allclose([r["loss"] for r in resumed[-2:]], [r["loss"] for r in alone], rtol=1e-5)
 
 
 def test_sigterm_to_one_process_stops_all_after_the_same_step(tmp_path):
