@@ -31,13 +31,12 @@ import os
 import time
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 from tokenizers import Tokenizer
 
 from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root
 from lmsys.data.corpus import source_files, source_fingerprint
-from lmsys.data.packing import Sample, _grain_seed, _token_dtype
+from lmsys.data.packing import RowDataset, Sample, _token_dtype
 from lmsys.data.tokenizer import EOS_CANDIDATES, pad_id
 
 logger = logging.getLogger(__name__)
@@ -227,7 +226,7 @@ def _pack_rows(conv_starts: np.ndarray, num_tokens: int, seq_len: int) -> np.nda
     return np.array(row_starts, np.int64)
 
 
-class ChatDataset:
+class ChatDataset(RowDataset):
     """Whole conversations packed into rows of `seq_len`; an infinite, seeded sequence of samples
     with PackedDataset's interface (`batch`, `sample`, `row`)."""
 
@@ -243,31 +242,15 @@ class ChatDataset:
         except ValueError:
             self._pad = 0
         self._row_starts = _pack_rows(conv_starts, len(tokens), seq_len)
-        rows = grain.MapDataset.range(self.num_rows)
-        if shuffle:
-            rows = rows.shuffle(seed=_grain_seed(seed))
-        self._row_indices = rows.repeat()
-        self._samples = self._row_indices.map(self.row)
+        self._start_sampling(seed, shuffle)
 
     @property
     def num_rows(self) -> int:
         return len(self._row_starts) - 1
 
     @property
-    def num_tokens(self) -> int:
-        return len(self._tokens)
-
-    @property
     def num_documents(self) -> int:
         return len(self._conv_starts)
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self._tokenizer
-
-    @property
-    def seq_len(self) -> int:
-        return self._seq_len
 
     def row(self, index: int) -> Sample:
         """Row `index` (unshuffled) as arrays of shape [seq_len]."""
@@ -290,31 +273,6 @@ class ChatDataset:
             out["loss_mask"][at:at + n] = self._labels[start + 1:end]
             at += n
         return out
-
-    def row_index(self, global_index: int) -> int:
-        if global_index < 0:
-            raise IndexError(f"global sample index must be >= 0, got {global_index}")
-        return self._row_indices[global_index]
-
-    def sample(self, global_index: int) -> Sample:
-        """Global sample `global_index` (any index >= 0; later epochs are reshuffled)."""
-        if global_index < 0:
-            raise IndexError(f"global sample index must be >= 0, got {global_index}")
-        return self._samples[global_index]
-
-    def batch(self, start: int, global_batch_size: int, process_index: int = 0,
-              process_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's slice of the global batch of samples start .. start+global_batch_size-1
-        (as PackedDataset.batch)."""
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of "
-                             f"the process count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        b = global_batch_size // process_count
-        first = start + process_index * b
-        samples = [self.sample(g) for g in range(first, first + b)]
-        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
 
 def build_chat_dataset(source: str, tokenizer: Tokenizer, chat_template: str | None, seq_len: int,

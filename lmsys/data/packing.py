@@ -96,37 +96,14 @@ def _grain_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"lmsys-shuffle-{seed}".encode()).digest()[:4], "little")
 
 
-class PackedDataset:
-    """Documents packed into rows of `seq_len` tokens; an infinite, seeded sequence of samples.
+class RowDataset:
+    """Rows of `seq_len` tokens drawn as an infinite, seeded sequence of samples: global sample
+    `g` is a row picked by a per-epoch permutation (Grain), or row `g % num_rows` unshuffled, so
+    batches depend only on global sample indices. Subclasses set `_tokens`, `_tokenizer`,
+    `_seq_len`, give `num_rows` and `row(index)`, and call `_start_sampling`."""
 
-    Row `i` covers stream tokens [i*seq_len, (i+1)*seq_len + 1): inputs are the first seq_len,
-    targets the last seq_len. Global sample `g` is a row chosen by a seeded per-epoch permutation
-    (or row `g % num_rows` without shuffling), so batches depend only on global sample indices.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        doc_starts: np.ndarray,
-        tokenizer: Tokenizer,
-        seq_len: int,
-        seed: int,
-        shuffle: bool = True,
-    ):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
-        num_rows = (len(tokens) - 1) // seq_len
-        if num_rows < 1:
-            raise ValueError(
-                f"the corpus has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}; "
-                "use more documents or a shorter seq_len"
-            )
-        self._tokens = tokens
-        self._doc_starts = doc_starts
-        self._tokenizer = tokenizer
-        self._seq_len = seq_len
-        self._num_rows = num_rows
-        rows = grain.MapDataset.range(num_rows)
+    def _start_sampling(self, seed: int, shuffle: bool) -> None:
+        rows = grain.MapDataset.range(self.num_rows)
         if shuffle:
             rows = rows.shuffle(seed=_grain_seed(seed))
         self._row_indices = rows.repeat()
@@ -134,15 +111,14 @@ class PackedDataset:
 
     @property
     def num_rows(self) -> int:
-        return self._num_rows
+        raise NotImplementedError
+
+    def row(self, index: int) -> Sample:
+        raise NotImplementedError
 
     @property
     def num_tokens(self) -> int:
         return len(self._tokens)
-
-    @property
-    def num_documents(self) -> int:
-        return len(self._doc_starts)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -151,25 +127,6 @@ class PackedDataset:
     @property
     def seq_len(self) -> int:
         return self._seq_len
-
-    def row(self, index: int) -> Sample:
-        """Row `index` (unshuffled) as arrays of shape [seq_len]."""
-        if not 0 <= index < self._num_rows:
-            raise IndexError(f"row {index} out of range [0, {self._num_rows})")
-        seq_len = self._seq_len
-        start = index * seq_len
-        offsets_T1 = np.arange(start, start + seq_len + 1)
-        window_T1 = np.asarray(self._tokens[start : start + seq_len + 1], dtype=np.int32)
-        doc_T1 = np.searchsorted(self._doc_starts, offsets_T1, side="right") - 1
-        doc_T = doc_T1[:-1]
-        segment_start_T = np.maximum(self._doc_starts[doc_T], start)
-        return {
-            "tokens": window_T1[:-1],
-            "targets": window_T1[1:],
-            "positions": (offsets_T1[:-1] - segment_start_T).astype(np.int32),
-            "segment_ids": (doc_T - doc_T[0] + 1).astype(np.int32),
-            "loss_mask": (doc_T == doc_T1[1:]).astype(np.float32),
-        }
 
     def row_index(self, global_index: int) -> int:
         """The row that global sample `global_index` reads."""
@@ -203,6 +160,65 @@ class PackedDataset:
         samples = [self.sample(g) for g in range(first, first + local_batch_size)]
         return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
+
+class PackedDataset(RowDataset):
+    """Documents packed into rows of `seq_len` tokens; an infinite, seeded sequence of samples.
+
+    Row `i` covers stream tokens [i*seq_len, (i+1)*seq_len + 1): inputs are the first seq_len,
+    targets the last seq_len. Global sample `g` is a row chosen by a seeded per-epoch permutation
+    (or row `g % num_rows` without shuffling), so batches depend only on global sample indices.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_starts: np.ndarray,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        num_rows = (len(tokens) - 1) // seq_len
+        if num_rows < 1:
+            raise ValueError(
+                f"the corpus has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}; "
+                "use more documents or a shorter seq_len"
+            )
+        self._tokens = tokens
+        self._doc_starts = doc_starts
+        self._tokenizer = tokenizer
+        self._seq_len = seq_len
+        self._num_rows = num_rows
+        self._start_sampling(seed, shuffle)
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._doc_starts)
+
+    def row(self, index: int) -> Sample:
+        """Row `index` (unshuffled) as arrays of shape [seq_len]."""
+        if not 0 <= index < self._num_rows:
+            raise IndexError(f"row {index} out of range [0, {self._num_rows})")
+        seq_len = self._seq_len
+        start = index * seq_len
+        offsets_T1 = np.arange(start, start + seq_len + 1)
+        window_T1 = np.asarray(self._tokens[start : start + seq_len + 1], dtype=np.int32)
+        doc_T1 = np.searchsorted(self._doc_starts, offsets_T1, side="right") - 1
+        doc_T = doc_T1[:-1]
+        segment_start_T = np.maximum(self._doc_starts[doc_T], start)
+        return {
+            "tokens": window_T1[:-1],
+            "targets": window_T1[1:],
+            "positions": (offsets_T1[:-1] - segment_start_T).astype(np.int32),
+            "segment_ids": (doc_T - doc_T[0] + 1).astype(np.int32),
+            "loss_mask": (doc_T == doc_T1[1:]).astype(np.float32),
+        }
 
 def build_dataset(
     source: str,
