@@ -33,19 +33,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_two(*overrides):
+    """`lmsys train` as 2 processes x 4 emulated CPU devices joined over loopback."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [subprocess.Popen(
+        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *overrides,
+         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+         f"distributed.process_id={i}", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _wait(procs, timeout=600):
+    """Both processes' (stdout, stderr), after checking they exited 0."""
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
 def test_two_processes_train_like_one_and_checkpoint_together(tmp_path):
     data = [f"data.source={write_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}"]
     two = tmp_path / "two"
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *data,
-         "steps=6", f"run_dir={two}", f"distributed.coordinator_address=127.0.0.1:{port}",
-         "distributed.num_processes=2", f"distributed.process_id={i}", "--no-progress"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = _wait(_start_two(*data, "steps=6", f"run_dir={two}"))
     assert "step 6: loss" in outs[0][0] and "loss" not in outs[1][0]  # only process 0 reports
     two_losses = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert (two / "checkpoints" / "6").is_dir()
@@ -69,19 +79,11 @@ def test_two_processes_train_like_one_and_checkpoint_together(tmp_path):
 
     # and two processes resume what one process saved: steps 7-8 as one process continues
     shutil.copytree(tmp_path / "one", tmp_path / "one_then_two")
-    more = [*OVERRIDES, *data, "steps=8"]
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *more,
-         f"run_dir={tmp_path / 'one_then_two'}", f"distributed.coordinator_address=127.0.0.1:{port}",
-         "distributed.num_processes=2", f"distributed.process_id={i}", "--no-progress"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = _wait(_start_two(*data, "steps=8", f"run_dir={tmp_path / 'one_then_two'}"))
     assert "resuming" in outs[0][0]
     resumed = [json.loads(line) for line in (tmp_path / "one_then_two" / "metrics.jsonl").read_text().splitlines()]
-    alone = train(load_config(ROOT / "recipes/configs/tiny.yaml", [*more, f"run_dir={tmp_path / 'one'}"]),
+    alone = train(load_config(ROOT / "recipes/configs/tiny.yaml",
+                              [*OVERRIDES, *data, "steps=8", f"run_dir={tmp_path / 'one'}"]),
                   progress=False)
     assert [r["step"] for r in resumed[-2:]] == [r["step"] for r in alone] == [7, 8]
     np.testing.assert_allclose([r["loss"] for r in resumed[-2:]], [r["loss"] for r in alone], rtol=1e-5)
@@ -92,22 +94,13 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step(tmp_path):
 
     data = [f"data.source={write_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}"]
     run_dir = tmp_path / "run"
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *data,
-         "steps=100000", f"run_dir={run_dir}", "checkpoint.every=0",
-         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-         f"distributed.process_id={i}", "--no-progress"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = _start_two(*data, "steps=100000", f"run_dir={run_dir}", "checkpoint.every=0")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.1)
     procs[1].send_signal(signal.SIGTERM)  # only the second process is preempted
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    outs = _wait(procs, timeout=300)
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert f"stopped after step {last} with a checkpoint" in outs[0][0]
     steps = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]

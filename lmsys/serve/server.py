@@ -454,6 +454,13 @@ class _Run:
                 getter.cancel()
             self.abort()
 
+    async def finish(self) -> None:
+        """Waits for every choice of a non-streamed response (APIError 499 if the client left)."""
+        async for _ in self.events():
+            pass
+        if self.disconnected:
+            raise APIError(499, "client disconnected")
+
     def abort(self) -> None:
         for c in self.choices:
             if c.req is not None and not c.req.done:
@@ -572,10 +579,7 @@ class _Server:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.sse(self._stream_completions(run, head, body.echo, with_logprobs, include_usage, lengths))
-        async for _ in run.events():
-            pass
-        if run.disconnected:
-            raise APIError(499, "client disconnected")
+        await run.finish()
         choices = []
         for c in run.choices:
             r = c.req
@@ -646,10 +650,7 @@ class _Server:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"},
                                               body.logprobs, include_usage, [len(ids)]))
-        async for _ in run.events():
-            pass
-        if run.disconnected:
-            raise APIError(499, "client disconnected")
+        await run.finish()
         choices = []
         for c in run.choices:
             r = c.req
