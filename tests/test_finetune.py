@@ -116,7 +116,7 @@ def test_finetune_from_hf_starts_from_its_weights_and_resumes(hf_dir, tmp_path):
     # the first step's loss is the imported model's loss on the first batch
     resolved = resolve_init_from(cfg)
     params, model = load_hf(hf_dir)
-    batch = load_data(cfg).batch(0, cfg.batch_size)
+    batch = load_data(resolved).batch(0, cfg.batch_size)
     logits, _ = llama.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=model)
     total, n = loss_sums(logits, batch["targets"], batch["loss_mask"])
     np.testing.assert_allclose(first[0]["loss"], float(total / n), rtol=1e-4)

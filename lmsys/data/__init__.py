@@ -3,7 +3,7 @@
 from lmsys.data.chat import ChatDataset, build_chat_dataset
 from lmsys.data.corpus import builtin_corpus_files, iter_documents
 from lmsys.data.packing import PackedDataset, build_dataset, tokenize_documents
-from lmsys.data.tokenizer import eos_id, load_tokenizer, pad_id
+from lmsys.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_for
 
 __all__ = [
     "ChatDataset",
@@ -14,6 +14,7 @@ __all__ = [
     "eos_id",
     "iter_documents",
     "load_tokenizer",
+    "tokenizer_for",
     "pad_id",
     "tokenize_documents",
 ]

@@ -82,6 +82,13 @@ def load_tokenizer(
     return tokenizer
 
 
+def tokenizer_for(data, vocab_size: int) -> Tokenizer:
+    """The tokenizer a config's data section names (`data`: an lmsys.config.DataConfig)."""
+    return load_tokenizer(data.tokenizer, vocab_size, source=data.source,
+                          cache_dir=data.cache_dir or None, max_documents=data.max_documents,
+                          text_field=data.text_field)
+
+
 def _first_token_id(tokenizer: Tokenizer, candidates: tuple[str, ...]) -> int | None:
     for token in candidates:
         token_id = tokenizer.token_to_id(token)

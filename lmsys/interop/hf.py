@@ -532,12 +532,9 @@ def lmsys_to_hf(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32"
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = _resolve_tokenizer_dir(cfg.data.tokenizer, run_dir)
     if tok_dir is None:  # the builtin BPE: write its tokenizer.json
-        from lmsys.data import load_tokenizer
+        from lmsys.data import tokenizer_for
 
-        d = cfg.data
-        tok = load_tokenizer(d.tokenizer, cfg.model.vocab_size, source=d.source,
-                             cache_dir=d.cache_dir or None, max_documents=d.max_documents,
-                             text_field=d.text_field)
+        tok = tokenizer_for(cfg.data, cfg.model.vocab_size)
         tok.save(str(out / "tokenizer.json"))
         _write_tokenizer_config(out)
         tok_dir = out

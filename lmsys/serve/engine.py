@@ -171,7 +171,7 @@ class Engine:
         if c.max_seq_len % c.page_size:
             raise ValueError(f"max_seq_len {c.max_seq_len} must be a multiple of page_size {c.page_size}")
         self.pages_per_seq = c.max_seq_len // c.page_size
-        self.dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[c.dtype]
+        self.dtype = jnp.dtype(c.dtype)  # "float32" | "bfloat16" | "float16"
         self.num_pages = c.num_pages or self._pages_from_memory()
         self.pool = PagePool(self.num_pages)
         if c.batch_invariant:

@@ -29,7 +29,7 @@ def load_model(path: str | Path, rules=None, step: int | None = None,
     *.safetensors) is read directly (step 0). A registered model, `models:/NAME@ALIAS` or
     `models:/NAME/VERSION` (registry: `registry_uri`, else $LMSYS_REGISTRY_URI or the local one),
     loads its recorded checkpoint once its files still match the registered sha256."""
-    from lmsys.data import eos_id, load_tokenizer
+    from lmsys.data import eos_id, tokenizer_for
     from lmsys.interop.hf import is_hf_dir
 
     if isinstance(path, str) and path.startswith("models:/"):
@@ -46,10 +46,7 @@ def load_model(path: str | Path, rules=None, step: int | None = None,
     if (tok_spec != "builtin" and not Path(tok_spec).expanduser().exists()
             and (run_dir / "tokenizer.json").is_file()):
         cfg.data.tokenizer = str(run_dir / "tokenizer.json")  # the directory was moved
-    d = cfg.data
-    tokenizer = load_tokenizer(d.tokenizer, cfg.model.vocab_size, source=d.source,
-                               cache_dir=d.cache_dir or None, max_documents=d.max_documents,
-                               text_field=d.text_field)
+    tokenizer = tokenizer_for(cfg.data, cfg.model.vocab_size)
     return LoadedModel(run_dir.name, cfg, params, tokenizer, eos_id(tokenizer), int(meta["step"]))
 
 

@@ -128,13 +128,10 @@ def _source_tokenizer(source_cfg: Config, src: Path, run_dir: Path) -> str:
             path = src / path
         path = path.absolute()
         return str(path / "tokenizer.json" if path.is_dir() else path)
-    from lmsys.data import load_tokenizer
+    from lmsys.data import tokenizer_for
     from lmsys.data.cache import atomic_write_text
 
-    d = source_cfg.data
-    tokenizer = load_tokenizer("builtin", source_cfg.model.vocab_size, source=d.source,
-                               cache_dir=d.cache_dir or None, max_documents=d.max_documents,
-                               text_field=d.text_field)
+    tokenizer = tokenizer_for(source_cfg.data, source_cfg.model.vocab_size)
     out = run_dir.absolute() / "tokenizer.json"
     atomic_write_text(str(out), tokenizer.to_str())
     return str(out)
@@ -167,16 +164,14 @@ def load_init_params(cfg: Config, trainer: Trainer):
 
 
 def load_data(cfg: Config):
-    """The tokenizer and the packed dataset of a config (tokenized once, then cached); with
-    data.format=chat, conversations rendered with the tokenizer's chat template."""
-    from lmsys.data import build_chat_dataset, build_dataset, load_tokenizer
+    """The packed dataset of a config (tokenized once, then cached); with data.format=chat,
+    conversations rendered with the tokenizer's chat template. `cfg` as resolved by
+    `resolve_init_from` (train does that; a run's saved config.yaml already is)."""
+    from lmsys.data import build_chat_dataset, build_dataset, tokenizer_for
 
-    cfg = resolve_init_from(cfg)
     d = cfg.data
     cache_dir = d.cache_dir or None
-    tokenizer = load_tokenizer(d.tokenizer, cfg.model.vocab_size, source=d.source,
-                               cache_dir=cache_dir, max_documents=d.max_documents,
-                               text_field=d.text_field)
+    tokenizer = tokenizer_for(d, cfg.model.vocab_size)
     if d.format == "chat":
         from lmsys.serve.server import load_chat_template
 
