@@ -4,6 +4,12 @@ A checkpoint directory holds numbered steps; each step has two items: `state` (t
 pytree, written by every process in parallel, async) and `meta` (JSON: the model config, the
 mesh it was saved with, the data position). Orbax writes a step into a temporary directory and
 renames it when complete, so a crash mid-save never leaves a step that looks finished.
+
+The directory may be a local path or a URL Orbax reads and writes through etils.epath
+(`gs://bucket/run/checkpoints`, `s3://...`); URLs are kept as they are (never made absolute).
+
+Fault injection for tests: `LMSYS_FAULT_KILL_AT=POINT:STEP` makes the process SIGKILL itself at
+that point of that step (see `fault_point`); unset, nothing changes.
 """
 
 from __future__ import annotations
@@ -11,30 +17,84 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lmsys.config import ModelConfig
 
 # Model keys that decide parameter shapes: a checkpoint must agree on all of them.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-              "tie_embeddings", "qkv_bias")
+              "tie_embeddings", "qkv_bias", "qk_norm")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message says why and what to do."""
 
 
+FAULT_ENV = "LMSYS_FAULT_KILL_AT"
+# Where a fault can be injected: after a step's update (before its checkpoint starts); just after
+# a checkpoint save started (async: its files are being written); and inside the write, when all
+# of the step's files are on disk in Orbax's temporary directory but it is not yet committed.
+FAULT_POINTS = ("after_step", "save_started", "before_commit")
+
+
+def fault_point(name: str, step: int) -> None:
+    """Kills this process with SIGKILL (no clean-up, as `kill -9` would) when $LMSYS_FAULT_KILL_AT
+    is `name:step`. A test hook: the fault-injection tests use it to stop a run at exact,
+    reproducible places; it does nothing when the variable is unset."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, at = spec.partition(":")
+    if point not in FAULT_POINTS or not at.isdigit():
+        raise ValueError(f"${FAULT_ENV} = {spec!r}: expected POINT:STEP with POINT one of "
+                         f"{', '.join(FAULT_POINTS)} (e.g. before_commit:4); unset it to run normally")
+    if point == name and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _FaultInjectingTemporaryPath(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """Orbax's default commit for local directories (write into a temporary directory, then mark
+    it complete and rename it), with the `before_commit` fault point in front of the commit.
+    Used only while $LMSYS_FAULT_KILL_AT is set."""
+
+    async def finalize(self, *args, **kwargs):
+        final = self.get_final().name
+        if final.isdigit():  # the step directory (not an item inside it)
+            fault_point("before_commit", int(final))
+        return await super().finalize(*args, **kwargs)
+
+
+def path_or_url(path: str | os.PathLike):
+    """A local `Path`, or for a URL (gs://, s3://) an `etils.epath.Path`, which keeps the URL
+    intact (pathlib would turn gs://b into gs:/b); both have the pathlib API."""
+    return epath.Path(path) if is_url(path) else Path(path)
+
+
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """A checkpoint directory as Orbax takes it: local paths made absolute, URLs unchanged."""
+    return epath.Path(directory if is_url(directory) else Path(directory).absolute())
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for `scheme://...` (an object store), False for a local path."""
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", os.fspath(path)) is not None
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = checkpoint_path(directory)
         # cleanup_tmp_directories: a save cut short (kill -9, full disk) leaves a temporary
         # directory that never counts as a step; it is removed at the next start.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True)
+        fault_hook = os.environ.get(FAULT_ENV) and not is_url(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            temporary_path_class=_FaultInjectingTemporaryPath if fault_hook else None)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
         self._writing: int | None = None  # the step being saved
@@ -53,6 +113,7 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         except Exception as e:
             raise self._write_error(e) from None
+        fault_point("save_started", step)
 
     def _write_error(self, e: Exception) -> CheckpointError:
         self._failed = True

@@ -39,13 +39,38 @@ def _engine(args, max_slots: int, batch_invariant: bool = False):
     from lmsys.serve.engine import Engine, EngineConfig
     from lmsys.serve.load import load_model
 
+    rules = _serving_rules(args.data_parallel, args.tensor_parallel)
+    dp = args.data_parallel
+    max_slots = -(-max_slots // dp) * dp  # slots split evenly over the data-parallel groups
     model = load_model(args.model)
     config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+                          prefill_tokens=args.prefill_tokens,
                           batch_invariant=batch_invariant, dtype=model.config.dtype,
                           quantize=args.quantize)
-    return model, Engine(model.params, model.config.model, model.tokenizer, config,
+    return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
                          eos_token_id=model.eos_token_id)
+
+
+def _serving_rules(data: int, tensor: int):
+    """Rules over a data x tensor mesh of the first data*tensor devices, or None for one."""
+    from lmsys.config import ConfigError
+
+    if data < 1 or tensor < 1:
+        raise ConfigError(f"--data-parallel {data} --tensor-parallel {tensor}: both must be >= 1")
+    if data * tensor == 1:
+        return None
+    import jax
+
+    from lmsys.config import MeshConfig
+    from lmsys.parallel import Rules, build_mesh
+
+    if data * tensor > jax.device_count():
+        raise ConfigError(f"--data-parallel {data} x --tensor-parallel {tensor} needs "
+                          f"{data * tensor} devices; this machine has {jax.device_count()}")
+    mesh = build_mesh(MeshConfig(data=data, fsdp=1, tensor=tensor),
+                      jax.devices()[:data * tensor])
+    return Rules(mesh)
 
 
 def _generate(args) -> int:
@@ -104,9 +129,18 @@ def _engine_flags(p) -> None:
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0, help="KV pages; 0 = from free device memory")
     p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + generated tokens")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens of one request per prefill call")
+    p.add_argument("--prefill-tokens", type=int, default=0,
+                   help="prompt tokens of all requests per prefill call (several requests' chunks "
+                        "are prefilled together); 0 = 4 x --prefill-chunk")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
                    help="weight-only quantization of the matrices")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="devices that split each model's heads and MLP (mesh axis `tensor`)")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="groups of slots, each with its own share of the KV pages (mesh axis "
+                        "`data`); devices used: data x tensor")
 
 
 def main(argv: list[str] | None = None) -> int:

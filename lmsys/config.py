@@ -41,19 +41,45 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on each query/key head before RoPE (Qwen3)
     init_std: float = 0.02
     attention_impl: str = "xla"
+    # Mixture of experts (the MLP of every layer becomes a routed MoE; 0 experts = dense SwiGLU)
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k routing; the k weights are a softmax over the k chosen logits
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek)
+    moe_d_ff: int = 0  # hidden size of each expert (shared ones too); 0 = d_ff
+    # 0 = dropless; else each expert takes at most ceil(factor x k x row_tokens / n_experts)
+    # tokens of a row (GShard capacity), the rest of its assignments are dropped
+    moe_capacity_factor: float = 0.0
+    router_aux_loss: float = 0.01  # weight of the load-balancing loss (1.0 when perfectly balanced)
+    router_z_loss: float = 0.001  # weight of the router z-loss (mean squared logsumexp of logits)
 
 
 @dataclass
 class MeshConfig:
     """Devices per mesh axis; one axis may be -1 to take the devices the others leave."""
 
+    stage: int = 1  # pipeline parallelism: the layers split into this many stages (see `pipeline`)
     data: int = 1
     fsdp: int = -1
     sequence: int = 1  # context parallelism: each device holds 1/sequence of every sequence
     tensor: int = 1
+    # expert parallelism: the experts of MoE layers split over this axis (and the batch with it)
+    expert: int = 1
     sequence_method: str = "ring"  # ring (K/V passed around with ppermute) | allgather
+    # causal load balancing for `sequence` > 1: the sequence cut into 2 x sequence chunks, device
+    # i holding chunks i and 2 x sequence - 1 - i, so every device has equal causal attention work
+    # (seq_len must be divisible by 2 x sequence); false: one contiguous chunk per device
+    sequence_load_balance: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """Pipeline parallelism over `mesh.stage` (lmsys.parallel.pipeline); unused when stage = 1."""
+
+    microbatches: int = 0  # per (grad_accum) batch; 0 = mesh.stage; more shrink the bubble
+    repeats: int = 1  # layer chunks per stage: 1 = GPipe, > 1 = circular (interleaved) schedule
 
 
 @dataclass
@@ -112,6 +138,7 @@ class TrackingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,11 +160,11 @@ class Config:
     init_from: str = ""
 
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")  # outermost first
+MESH_AXES = ("stage", "expert", "data", "fsdp", "sequence", "tensor")  # outermost first
 SEQUENCE_METHODS = ("ring", "allgather")
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 DATA_FORMATS = ("text", "chat")
 
 
@@ -280,10 +307,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def save_config(cfg: Config, path) -> None:
+    """Writes the config as YAML to a local path or any pathlib-like path (etils.epath for URLs)."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path = Path(path) if isinstance(path, str) else path
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -318,9 +347,8 @@ def validate(cfg: Config) -> None:
            f"only one mesh axis may be -1, got {', '.join(fills)}")
     _check(cfg.mesh.sequence_method in SEQUENCE_METHODS, "mesh.sequence_method", cfg.mesh.sequence_method,
            f"must be one of {', '.join(SEQUENCE_METHODS)}")
-    if cfg.mesh.sequence > 1:
-        _check(cfg.seq_len % cfg.mesh.sequence == 0, "seq_len", cfg.seq_len,
-               f"must be divisible by mesh.sequence ({cfg.mesh.sequence})")
+    if cfg.mesh.sequence > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
+        check_sequence(cfg, cfg.mesh.sequence)
     t = cfg.mesh.tensor
     if t > 1:
         _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
@@ -328,6 +356,13 @@ def validate(cfg: Config) -> None:
         _check(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
                f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
         _check(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
+
+    check_moe(cfg)
+
+    _check(cfg.pipeline.microbatches >= 0, "pipeline.microbatches", cfg.pipeline.microbatches,
+           "must be >= 0 (0 = mesh.stage)")
+    _check(cfg.pipeline.repeats >= 1, "pipeline.repeats", cfg.pipeline.repeats,
+           "must be >= 1 (1 = GPipe, more = circular)")
 
     o = cfg.optimizer
     _check(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
@@ -370,3 +405,64 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
            "must name an MLflow experiment, e.g. lmsys")
+    if cfg.mesh.stage > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
+        check_pipeline(cfg, cfg.mesh.stage)
+
+
+def check_moe(cfg: Config) -> None:
+    """The mixture-of-experts keys, and a `mesh.expert` that splits the experts evenly."""
+    m, e = cfg.model, cfg.mesh.expert
+    _check(m.n_experts >= 0, "model.n_experts", m.n_experts, "must be >= 0 (0 = a dense MLP)")
+    if not m.n_experts:
+        if e > 1:
+            check_experts(cfg, e)
+        return
+    _check(1 <= m.experts_per_token <= m.n_experts, "model.experts_per_token", m.experts_per_token,
+           f"must be between 1 and model.n_experts ({m.n_experts})")
+    for key in ("n_shared_experts", "moe_d_ff", "moe_capacity_factor", "router_aux_loss", "router_z_loss"):
+        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    t = cfg.mesh.tensor
+    _check(t <= 1 or (m.moe_d_ff or m.d_ff) % t == 0, "model.moe_d_ff", m.moe_d_ff or m.d_ff,
+           f"must be divisible by mesh.tensor ({t})")
+    _check(cfg.mesh.stage <= 1, "mesh.stage", cfg.mesh.stage,
+           "pipeline parallelism does not carry the MoE router losses yet; use mesh.stage=1 with model.n_experts > 0")
+    if e > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
+        check_experts(cfg, e)
+
+
+def check_experts(cfg: Config, n: int) -> None:
+    """`n` devices on the expert axis each hold the same number of whole experts."""
+    _check(cfg.model.n_experts > 0, "mesh.expert", n,
+           "needs a mixture-of-experts model (model.n_experts > 0); use mesh.data for data parallelism")
+    _check(cfg.model.n_experts % n == 0, "model.n_experts", cfg.model.n_experts,
+           f"must be divisible by mesh.expert ({n}) so each device holds whole experts; change "
+           "mesh.expert or model.n_experts")
+
+
+def check_sequence(cfg: Config, n: int) -> None:
+    """The sequence splits evenly over a ring of n devices: into n chunks, or with
+    `mesh.sequence_load_balance` into 2n (each device holds two, lmsys.parallel.context)."""
+    if cfg.mesh.sequence_load_balance:
+        _check(cfg.seq_len % (2 * n) == 0, "seq_len", cfg.seq_len,
+               f"must be divisible by 2 x mesh.sequence = {2 * n} for the load-balanced ring (each "
+               f"device holds 2 of {2 * n} chunks); use a multiple of {2 * n} or set "
+               "mesh.sequence_load_balance=false")
+    else:
+        _check(cfg.seq_len % n == 0, "seq_len", cfg.seq_len, f"must be divisible by mesh.sequence ({n})")
+
+
+def check_pipeline(cfg: Config, stages: int) -> None:
+    """The layers split into `stages` x `pipeline.repeats` equal chunks, and every stage gets
+    work: at least `stages` microbatches, each a whole number of rows."""
+    chunks = stages * cfg.pipeline.repeats
+    _check(cfg.model.n_layers % chunks == 0, "model.n_layers", cfg.model.n_layers,
+           f"must be divisible by mesh.stage x pipeline.repeats = {stages} x {cfg.pipeline.repeats} "
+           f"= {chunks} (equal layer chunks per stage); change mesh.stage or pipeline.repeats")
+    m = cfg.pipeline.microbatches or stages
+    _check(m >= stages, "pipeline.microbatches", m,
+           f"must be >= mesh.stage ({stages}): with fewer microbatches than stages some stage "
+           "never has work; use more microbatches (the bubble is (stages-1)/(microbatches+stages-1))")
+    rows = cfg.batch_size // cfg.grad_accum
+    _check(rows % m == 0, "pipeline.microbatches", m,
+           f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
+           f"choose a divisor of {rows} that is >= {stages}")

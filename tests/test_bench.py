@@ -26,3 +26,24 @@ def test_handwritten_step_does_not_import_lmsys():
     assert modules and not [m for m in modules if m.split(".")[0] == "lmsys"], modules
     source = ast.unparse(tree)
     assert "importlib" not in source and "__import__" not in source
+
+
+def test_attention_bench_runs_and_checks_every_side(capsys):
+    """A tiny CPU pass of `python -m lmsys.bench.attention`: every side is timed and checked
+    against the fp32 reference; decode bytes and the copy bandwidth are measured."""
+    import lmsys.bench.attention
+
+    result = lmsys.bench.attention.main([
+        "--seqs", "40", "--head-dims", "32", "--tokens", "40", "--d-model", "64", "--iters", "1",
+        "--reps", "1", "--sets", "1", "--decode-lens", "48", "--decode-batch", "2",
+        "--decode-heads", "4", "--decode-kv-heads", "2", "--copy-mib", "1"])
+    flash = {r["impl"]: r for r in result["flash"]}
+    assert set(flash) == {"lmsys pallas", "xla"}  # cuDNN and jax's kernels: GPU only
+    for r in flash.values():
+        assert r["tflops_fwd"] > 0 and r["tflops_fwd_bwd"] > 0
+        assert r["err_out"] < 1e-2 and r["err_grad"] < 1e-2  # bf16 inputs vs fp32 reference
+    decode = {r["impl"]: r for r in result["decode"]}
+    assert set(decode) == {"lmsys pallas", "xla gather"}
+    assert all(r["err"] < 1e-2 and r["gbs"] > 0 for r in decode.values())
+    assert result["copy_gbs"] > 0
+    assert "lmsys pallas" in capsys.readouterr().out

@@ -53,7 +53,8 @@ def test_overrides_and_presets_resolve(tmp_path):
     cfg = load_config(path, ["mesh.fsdp=4", "mesh.tensor=2", "optimizer.lr=1e-3", "dtype=bfloat16"])
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.steps) == (3, 256, 10)  # preset + override
     assert (cfg.mesh.fsdp, cfg.mesh.tensor, cfg.optimizer.lr, cfg.dtype) == (4, 2, 1e-3, "bfloat16")
-    assert build_mesh(cfg.mesh).shape == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 2}
+    assert build_mesh(cfg.mesh).shape == {"stage": 1, "expert": 1, "data": 1, "fsdp": 4, "sequence": 1,
+                                         "tensor": 2}
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):

@@ -4,6 +4,7 @@ coordinator DNS names agree with the objects that create them, the shell scripts
 and the `lmsys train` command of every recipe uses only config keys lmsys accepts (so renaming a
 config key breaks this test, not a user's job)."""
 
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -112,6 +114,55 @@ def test_slurm_recipe():
     assert directives["signal"].startswith("B:USR1@") and "requeue" in directives
     assert not any(o.startswith("distributed.") for o in overrides)  # JAX reads SLURM's environment
     assert _value(overrides, "run_dir").startswith("/shared/")
+
+
+def _slurm_port_job_id() -> int:
+    """A SLURM job id whose coordinator port (JAX: job id % 4096 + 61440) is free here."""
+    import random
+    import socket
+
+    for job_id in random.Random(os.getpid()).sample(range(10_000, 20_000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", job_id % 4096 + 61440))
+            except OSError:
+                continue
+        return job_id
+    pytest.skip("no free port in JAX's SLURM port range 61440-65535")
+
+
+def test_slurm_recipe_runs_as_two_local_tasks(tmp_path):
+    """The command the recipe's `srun` starts, run as 2 local tasks with the environment srun
+    gives each task (one node, 127.0.0.1): JAX's SLURM detection alone joins them (the command
+    has no distributed.* keys), and they train exactly like one process with all 8 devices.
+    The script's GPU-specific exports are left out; its own variables are substituted, RUN_DIR
+    and GPUS_PER_NODE (4 emulated CPU devices per task) replaced, and small sizes appended."""
+    from common import write_corpus
+    from test_multihost import ROOT as root, _start, _wait
+    from lmsys.train.loop import train
+
+    script = re.sub(r"\\\n\s*", " ", (LAUNCH / "slurm" / "train_gpu.sbatch").read_text())
+    (srun_line,) = [line for line in script.splitlines() if line.lstrip().startswith("srun ")]
+    env = {**_assignments(script), "RUN_DIR": str(tmp_path / "run"), "GPUS_PER_NODE": "4"}
+    command = _expand(re.split(r"[>&;|<#]", srun_line.split("lmsys train", 1)[1], maxsplit=1)[0], env).split()
+    small = ["model.vocab_size=512", "model.n_layers=2", "model.d_model=64", "model.head_dim=16",
+             "model.d_ff=128", "batch_size=8", "seq_len=32", "steps=4", "log_every=1",
+             f"data.source={write_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}"]
+    job_id = _slurm_port_job_id()
+    slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_STEP_NODELIST": "127.0.0.1",
+             "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0"}
+    clean = {k: None for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+    flags = [a for a in command if a in FLAGS]
+    command = [a for a in command if a not in FLAGS]
+    outs = _wait(_start(*[(command + small + flags, {**clean, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
+                          for i in range(2)]))
+    assert "2 processes joined (SLURM): 8 devices, 4 per process" in outs[0][0], outs[0]
+    assert "joined" not in outs[1][0]
+    two = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    one = train(load_config(root / command[0], [*command[1:], *small, f"run_dir={tmp_path / 'one'}"]), progress=False)
+    assert len(two) == 4
+    np.testing.assert_allclose(two, [r["loss"] for r in one], rtol=1e-5)
 
 
 def test_kubeflow_trainjob():
@@ -270,3 +321,48 @@ def test_k8s_wrapper_passes_a_finished_run_through(tmp_path):
     rc, signals = _run_wrapper(tmp_path, finish=True)
     assert (rc, signals) == (0, [])
     assert "distributed.process_id=0" in (tmp_path / "args").read_text()
+
+
+# ---------------------------------------------------------------- run_dir on object storage
+
+def test_a_gs_run_dir_reaches_orbax_as_a_url(monkeypatch):
+    """pathlib would turn gs://bucket/run into gs:/bucket/run; the URL must reach Orbax intact
+    (it writes gs:// through tensorstore), while local run dirs stay absolute paths."""
+    import lmsys.checkpoint as checkpoint
+    from lmsys.train.loop import train
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def manager(directory, *args, **kwargs):
+        seen.append(str(directory))
+        raise Stop
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", manager)
+    cfg = load_config(TINY, ["run_dir=gs://my-bucket/runs/exp1", "model.vocab_size=512", "model.n_layers=1",
+                             "model.d_model=32", "model.head_dim=8", "model.d_ff=64", "seq_len=16"])
+    with pytest.raises(Stop):
+        train(cfg, progress=False, dataset=object())
+    with pytest.raises(Stop):
+        checkpoint.Checkpointer("runs/local/checkpoints")
+    assert seen == ["gs://my-bucket/runs/exp1/checkpoints", str(Path("runs/local/checkpoints").absolute())]
+
+
+def test_metrics_on_object_storage_are_rewritten_whole(tmp_path, monkeypatch):
+    """Object stores cannot append: the writer keeps the lines and rewrites metrics.jsonl, and a
+    resumed run continues the file. (A local directory stands in for the bucket.)"""
+    import lmsys.checkpoint as checkpoint
+    from lmsys.train.metrics import MetricsWriter
+
+    monkeypatch.setattr(checkpoint, "is_url", lambda path: True)
+    w = MetricsWriter(str(tmp_path))
+    assert w.file is None  # no append handle
+    w.write({"step": 1, "loss": 2.5})
+    w.close()
+    w = MetricsWriter(str(tmp_path))
+    w.write({"step": 2, "loss": 2.25})
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]

@@ -2,6 +2,7 @@
 jax.distributed over loopback) train exactly like one process with 8 devices, write one
 checkpoint together that a single process restores, and resume what a single process saved."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from common import write_corpus
 from lmsys.checkpoint import Checkpointer
-from lmsys.config import load_config
+from lmsys.config import ConfigError, DistributedConfig, load_config
 from lmsys.parallel import Rules, build_mesh
 from lmsys.train import Trainer
 from lmsys.train.loop import train
@@ -33,15 +35,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(*per_process: tuple[list[str], dict[str, str]]):
+    """`lmsys train ARGS` once per (ARGS, environment changes: None removes a variable), 4
+    emulated CPU devices each."""
+    base = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [subprocess.Popen([sys.executable, "-m", "lmsys.cli", "train", *args], cwd=ROOT,
+                             env={k: v for k, v in {**base, **env}.items() if v is not None},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for args, env in per_process]
+
+
 def _start_two(*overrides):
     """`lmsys train` as 2 processes x 4 emulated CPU devices joined over loopback."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    return [subprocess.Popen(
-        [sys.executable, "-m", "lmsys.cli", "train", "recipes/configs/tiny.yaml", *OVERRIDES, *overrides,
-         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
-         f"distributed.process_id={i}", "--no-progress"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return _start(*[(["recipes/configs/tiny.yaml", *OVERRIDES, *overrides,
+                      f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                      f"distributed.process_id={i}", "--no-progress"], {}) for i in range(2)])
 
 
 def _wait(procs, timeout=600):
@@ -105,3 +114,80 @@ def test_sigterm_to_one_process_stops_all_after_the_same_step(tmp_path):
     assert f"stopped after step {last} with a checkpoint" in outs[0][0]
     steps = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps == [str(last)]
+
+
+# ---------------------------------------------------------------- how a process decides to join
+
+SLURM_TASK = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "16",
+              "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+
+
+@pytest.mark.parametrize("env, on_tpu, expected", [
+    ({}, False, None),
+    (SLURM_TASK, False, "SLURM"),
+    ({**SLURM_TASK, "SLURM_NTASKS": "1"}, False, None),  # a one-task step
+    ({k: v for k, v in SLURM_TASK.items() if k != "SLURM_STEP_NODELIST"}, False, None),  # not under srun
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4",
+      "OMPI_COMM_WORLD_RANK": "1"}, False, "Open MPI"),
+    ({}, True, "Cloud TPU"),  # a TPU VM: JAX reads the hosts from the VM metadata
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3", "TPU_SKIP_MDS_QUERY": "1"}, True, "Cloud TPU"),  # GKE
+    ({"TPU_WORKER_HOSTNAMES": "t0", "TPU_SKIP_MDS_QUERY": "1"}, True, None),  # one host
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1"}, False, None),  # not on a TPU
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "2"}, False, "Kubernetes"),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, False, None),  # a plain pod (e.g. a notebook server)
+])
+def test_the_launcher_is_detected_from_its_environment(env, on_tpu, expected):
+    from lmsys.parallel.distributed import Launch, launch_plan
+
+    plan = launch_plan(DistributedConfig(), env, on_tpu)
+    assert plan == (Launch(expected) if expected else None)  # empty kwargs: JAX detects it itself
+
+
+def test_config_keys_and_jax_variables_come_first():
+    from lmsys.parallel.distributed import Launch, launch_plan
+
+    explicit = DistributedConfig(coordinator_address="h0:1234", num_processes=2, process_id=1)
+    assert launch_plan(explicit, SLURM_TASK) == Launch(
+        "distributed.coordinator_address + SLURM", {"coordinator_address": "h0:1234", "num_processes": 2, "process_id": 1})
+    # the address alone: JAX takes the count and id from SLURM
+    assert launch_plan(DistributedConfig(coordinator_address="h0:1234"), SLURM_TASK).kwargs == {
+        "coordinator_address": "h0:1234", "num_processes": None, "process_id": None}
+    kubeflow = {"JAX_COORDINATOR_ADDRESS": "job-node-0-0.job:6666", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert launch_plan(DistributedConfig(), kubeflow) == Launch(
+        "JAX_COORDINATOR_ADDRESS", {"coordinator_address": "job-node-0-0.job:6666", "num_processes": 4, "process_id": 3})
+    assert launch_plan(DistributedConfig(process_id=0), kubeflow).kwargs["process_id"] == 0  # the key wins
+    # Open MPI 5 (PMIx, no orte URI): the address from the config, count and rank from Open MPI
+    mpi5 = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2"}
+    assert launch_plan(DistributedConfig(coordinator_address="h0:1234"), mpi5).kwargs == {
+        "coordinator_address": "h0:1234", "num_processes": 4, "process_id": 2}
+    assert launch_plan(DistributedConfig(num_processes=1), SLURM_TASK) is None  # explicitly one process
+
+
+@pytest.mark.parametrize("cfg, env, message", [
+    (DistributedConfig(coordinator_address="h0:1234"), {},
+     "distributed.coordinator_address = 'h0:1234' is set but distributed.num_processes is not"),
+    (DistributedConfig(), {"JAX_COORDINATOR_ADDRESS": "h0:1", "JAX_NUM_PROCESSES": "2"},
+     "JAX_COORDINATOR_ADDRESS = 'h0:1' is set but distributed.process_id is not"),
+    (DistributedConfig(), {"JAX_COORDINATOR_ADDRESS": "h0:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "process id 2 is not below the number of processes 2"),
+    (DistributedConfig(), {"JAX_COORDINATOR_ADDRESS": "h0:1", "JAX_NUM_PROCESSES": "two"},
+     "JAX_NUM_PROCESSES = 'two': not an integer"),
+    (DistributedConfig(num_processes=2, process_id=0), {}, "need distributed.coordinator_address=HOST:PORT"),
+    (DistributedConfig(), {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "0"},
+     "Open MPI 5 / PMIx.*set distributed.coordinator_address"),
+])
+def test_settings_that_cannot_join_are_refused_with_the_fix(cfg, env, message):
+    from lmsys.parallel.distributed import launch_plan
+
+    with pytest.raises(ConfigError, match=message):
+        launch_plan(cfg, env)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kubernetes") is not None, reason="the kubernetes package is installed")
+def test_an_indexed_job_pod_without_the_kubernetes_package_says_what_to_do(monkeypatch):
+    from lmsys.parallel.distributed import initialize
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "0")
+    with pytest.raises(ConfigError, match=r"needs the `kubernetes` package \(pip install 'jax\[k8s\]'\)"):
+        initialize(DistributedConfig())

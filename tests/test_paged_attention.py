@@ -1,4 +1,5 @@
-"""The Pallas paged decode-attention kernel (CPU interpret mode) against dense references."""
+"""The Pallas paged decode-attention kernel (CPU interpret mode) against a float64 reference over a
+contiguous cache."""
 
 import functools
 
@@ -6,59 +7,95 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import TINY_MODEL
+from common import tiny_config
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+from pairwise import pairwise, uncovered_pairs
 
-from lmsys.config import from_dict
-from lmsys.kernels import paged_attention, paged_attention_reference, xla_attention
+from lmsys.kernels import paged_attention, paged_attention_reference
 from lmsys.kernels.paged_attention import combine_blocks
 from lmsys.models import llama
+from lmsys.parallel import Rules, build_mesh
+from lmsys.parallel.kernels import POOL_AXES, sharded_paged_attention
 
-N, K, H, PS = 8, 2, 32, 8  # 8 q heads over 2 kv heads (GQA), page size 8
-POOL = 48
-# rows: empty, one token, exactly one page, a page boundary + 1, long (many pages)
-LENGTHS = (0, 1, PS, 2 * PS + 1, 11 * PS + 3)
-PAGES = 12  # page table width
+# ----------------------------------------------------------------------------- the case grid
+# Each row's table has PAGES entries; `lengths` profiles: "edge" cycles 1, 0 (a padding row:
+# output zeros), one page exactly, one page + 1, every page; "ragged" draws non-multiples of the
+# page size; "full" uses every page of the table. pages_per_block None is the default (here one
+# block per row); 4 leaves a ragged last block.
+PAGES = 6
+PAGED_FACTORS = {
+    "batch": (1, 2, 5),
+    "lengths": ("edge", "ragged", "full"),
+    "page_size": (8, 16),
+    "heads": (1, 4, 8),
+    "kv_heads": (1, 2, 8),
+    "head_dim": (32, 64, 128),
+    "pages_per_block": (1, 4, None),
+    "dtype": ("float32", "bfloat16"),
+}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # norm-wise, vs the float64 reference
+CASES = pairwise(PAGED_FACTORS, _valid := lambda case: case["heads"] % case["kv_heads"] == 0)
+UNUSED_PAGES = 5
 
 
-def _pool(dtype=jnp.float32, seed=0, poison=None):
-    """Random q, pools and shuffled page tables (distinct pages per row). With `poison`, every
-    pool slot that no row may see (unused pages, slots past a length) holds that value."""
+def _case_id(case):
+    return (f"b{case['batch']}-{case['lengths']}-ps{case['page_size']}-n{case['heads']}"
+            f"k{case['kv_heads']}h{case['head_dim']}-ppb{case['pages_per_block']}-{case['dtype']}")
+
+
+def _paged_case(case, seed, poison=np.nan):
+    """(q, k_pages, v_pages, lengths, page_table) and the same keys/values as a contiguous
+    cache [B, PAGES * page_size, K, H]. Rows own shuffled pages of a pool that also has unused
+    pages; every pool slot no row may see (unused pages, slots past a row's length) holds
+    `poison`, and table entries past a row's pages point at unused pages."""
     rng = np.random.default_rng(seed)
-    B = len(LENGTHS)
-    q = rng.normal(size=(B, N, H)).astype(np.float32)
-    k = rng.normal(size=(POOL, PS, K, H)).astype(np.float32)
-    v = rng.normal(size=(POOL, PS, K, H)).astype(np.float32)
-    perm = rng.permutation(POOL)
-    pt = np.zeros((B, PAGES), np.int32)
-    used = 0
-    visible = np.zeros((POOL, PS), bool)
-    for b, n in enumerate(LENGTHS):
-        n_pages = -(-n // PS)
-        pt[b, :n_pages] = perm[used:used + n_pages]
-        used += n_pages
+    B, ps, N, K, H = (case[n] for n in ("batch", "page_size", "heads", "kv_heads", "head_dim"))
+    S = PAGES * ps
+    lengths = {"edge": [(1, 0, ps, ps + 1, S)[b % 5] for b in range(B)],
+               "ragged": [ps * rng.integers(0, PAGES) + rng.integers(1, ps) for _ in range(B)],
+               "full": [S] * B}[case["lengths"]]
+    q = rng.standard_normal((B, N, H))
+    k_BSKH, v_BSKH = (rng.standard_normal((B, S, K, H)) for _ in range(2))
+    used = [-(-n // ps) for n in lengths]
+    n_pool = sum(used) + UNUSED_PAGES
+    ids = rng.permutation(n_pool)
+    unused = ids[sum(used):]
+    pt = rng.choice(unused, (B, PAGES))  # past a row's pages: unused (poisoned) pages
+    k_pages, v_pages = (rng.standard_normal((n_pool, ps, K, H)) if poison is None
+                        else np.full((n_pool, ps, K, H), poison) for _ in range(2))
+    start = 0
+    for b, n in enumerate(lengths):
+        pt[b, :used[b]] = ids[start:start + used[b]]
+        start += used[b]
         for t in range(n):
-            visible[pt[b, t // PS], t % PS] = True
-        # entries past the row's last page: whatever, here a page of another row
-        pt[b, n_pages:] = perm[rng.integers(0, POOL, PAGES - n_pages)]
-    if poison is not None:
-        k[~visible], v[~visible] = poison, poison
-    arrs = [jnp.asarray(x, dtype) for x in (q, k, v)]
-    return (*arrs, jnp.asarray(LENGTHS, jnp.int32), jnp.asarray(pt))
+            k_pages[pt[b, t // ps], t % ps] = k_BSKH[b, t]
+            v_pages[pt[b, t // ps], t % ps] = v_BSKH[b, t]
+    dtype = jnp.dtype(case["dtype"])
+    paged = (*(jnp.asarray(x, dtype) for x in (q, k_pages, v_pages)),
+             jnp.asarray(lengths, jnp.int32), jnp.asarray(pt, jnp.int32))
+    return paged, tuple(jnp.asarray(x, dtype) for x in (k_BSKH, v_BSKH))
 
 
-def _dense(q, k, v, lengths, pt):
-    """Independent reference: gather pages into [B, S, K, H], the repo's xla_attention with a
-    query at position length - 1 (rows of length 0 -> zeros)."""
-    B, P = pt.shape
-    k_BSKH = k[pt].reshape(B, P * PS, K, H).astype(jnp.float32)
-    v_BSKH = v[pt].reshape(B, P * PS, K, H).astype(jnp.float32)
-    valid = (jnp.arange(P * PS)[None, :] < lengths[:, None])[:, :, None, None]
-    k_BSKH, v_BSKH = jnp.where(valid, k_BSKH, 0.0), jnp.where(valid, v_BSKH, 0.0)
-    out = xla_attention(q[:, None].astype(jnp.float32), k_BSKH, v_BSKH,
-                        q_positions_BT=(lengths - 1)[:, None],
-                        kv_positions_BS=jnp.arange(P * PS)[None, :])[:, 0]
-    return jnp.where((lengths > 0)[:, None, None], out, 0.0)
+def _reference_f64(q_BNH, k_BSKH, v_BSKH, lengths_B):
+    """Decode attention over a contiguous cache in float64: row b's query sees its first
+    lengths[b] keys; a row of length 0 gives zeros."""
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q_BNH, k_BSKH, v_BSKH))
+        N, H = q.shape[1:]
+        G = N // k.shape[2]
+        k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+        s_BNS = jnp.einsum("bnh,bsnh->bns", q, k) * H ** -0.5
+        visible_BS = jnp.arange(k.shape[1])[None, :] < jnp.asarray(lengths_B)[:, None]
+        s_BNS = jnp.where(visible_BS[:, None], s_BNS, -jnp.inf)
+        p_BNS = jnp.exp(s_BNS - jnp.max(s_BNS, axis=-1, keepdims=True))
+        out = jnp.einsum("bns,bsnh->bnh", p_BNS / p_BNS.sum(-1, keepdims=True), v)
+        return np.asarray(jnp.where(visible_BS.any(-1)[:, None, None], out, 0.0))
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 @functools.partial(jax.jit, static_argnames=("ppb",))
@@ -72,34 +109,35 @@ def _close(got, want, atol):
     np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("ppb", [1, 3, None])  # 12, 4 blocks (one ragged), one block
-def test_matches_dense_reference_fp32(ppb):
-    args = _pool()
-    want = _dense(*args)
-    _close(_kernel(*args, ppb=ppb), want, 1e-5)
-    _close(paged_attention_reference(*args), want, 1e-5)
-    assert np.all(np.asarray(want[0]) == 0)  # the empty row
+@pytest.mark.parametrize("case", CASES, ids=map(_case_id, CASES))
+def test_matches_contiguous_float64_reference(case):
+    """NaN in every slot the rows may not see catches a read outside the page table or past a
+    length; interpret mode fills the kernel's output buffers with NaN first, so an unwritten
+    element (a skipped block's partial result) shows up as NaN too."""
+    (q, k_pages, v_pages, lengths, pt), (k, v) = _paged_case(case, seed=CASES.index(case))
+    got = _kernel(q, k_pages, v_pages, lengths, pt, ppb=case["pages_per_block"])
+    assert got.dtype == q.dtype and got.shape == q.shape
+    got = np.asarray(got, np.float32)
+    assert np.isfinite(got).all()
+    assert (got[np.asarray(lengths) == 0] == 0).all()
+    assert _rel_err(got, _reference_f64(q, k, v, lengths)) <= TOLERANCE[case["dtype"]]
 
 
-def test_bf16_inputs():
-    args = _pool(jnp.bfloat16)
-    got = _kernel(*args, ppb=2)
-    assert got.dtype == jnp.bfloat16
-    _close(got, _dense(*args), 2e-2)
+def test_pairwise_cases_cover_every_pair():
+    assert len(CASES) <= 24 and all(map(_valid, CASES))
+    assert not uncovered_pairs(CASES, PAGED_FACTORS, _valid)
 
 
-@pytest.mark.parametrize("poison", [1e4, np.nan])
-def test_garbage_outside_lengths_does_not_leak(poison):
-    clean, dirty = _pool(), _pool(poison=poison)
-    want = _dense(*clean)
-    _close(_kernel(*dirty, ppb=2), want, 1e-5)
-    _close(paged_attention_reference(*dirty), want, 1e-5)
+# A fixed case for the tests below: 8 q heads over 2 kv heads, page size 8, rows of length 1,
+# 0, one page, one page + 1 and every page.
+FIXED = {"batch": 5, "lengths": "edge", "page_size": 8, "heads": 8, "kv_heads": 2,
+         "head_dim": 32, "pages_per_block": None, "dtype": "float32"}
 
 
 def test_split_k_combine():
     """The long row's result is a merge of several blocks; merging equal-weight halves by
     hand checks the combine rule itself, and a wrong (e.g. unweighted) merge would differ."""
-    args = _pool()
+    args, _ = _paged_case(FIXED, seed=0)
     one_block = _kernel(*args, ppb=PAGES)
     split = _kernel(*args, ppb=2)
     _close(split, one_block, 1e-5)
@@ -121,81 +159,110 @@ def test_split_k_combine():
 
 def test_layer_axis_of_the_full_pool():
     """All layers' pools plus a traced layer index: only that layer is read."""
-    q, k, v, lengths, pt = _pool()
+    (q, k, v, lengths, pt), contiguous = _paged_case(FIXED, seed=1)
     junk = jnp.full_like(k, jnp.nan)
     k_L, v_L = jnp.stack([junk, k, junk]), jnp.stack([junk, v, junk])
     got = jax.jit(functools.partial(paged_attention, pages_per_block=4))(
         q, k_L, v_L, lengths, pt, layer=jnp.int32(1))
-    _close(got, _dense(q, k, v, lengths, pt), 1e-5)
+    assert _rel_err(got, _reference_f64(q, *contiguous, lengths)) <= 1e-5
     with pytest.raises(ValueError, match="with `layer`"):
         paged_attention(q, k_L, v_L, lengths, pt)
 
 
+def _int8(pages, scale):
+    """int8 pages and their dequantized values for scales broadcasting to [pages, slots, K]."""
+    pages8 = jnp.round(pages / scale[..., None]).astype(jnp.int8)
+    return pages8, pages8 * scale[..., None]
+
+
+def _gathered(pages, pt):
+    """A row's pages in table order: the contiguous cache [B, PAGES * page_size, K, H]."""
+    return pages[pt].reshape(pt.shape[0], -1, *pages.shape[2:])
+
+
 def test_int8_pages_match_dequantized_reference():
-    q, k, v, lengths, pt = _pool()
+    (q, k, v, lengths, pt), _ = _paged_case(FIXED, seed=2, poison=None)
     # per-(page, slot, kv head) scales for k; per-page scales for v
     k_scale = jnp.max(jnp.abs(k), axis=-1) / 127.0
     v_scale = jnp.max(jnp.abs(v), axis=(1, 2, 3))[:, None, None] / 127.0
-    k8 = jnp.round(k / k_scale[..., None]).astype(jnp.int8)
-    v8 = jnp.round(v / v_scale[..., None]).astype(jnp.int8)
-    k_deq, v_deq = k8 * k_scale[..., None], v8 * v_scale[..., None]
-    want = _dense(q, k_deq, v_deq, lengths, pt)
+    (k8, k_deq), (v8, v_deq) = _int8(k, k_scale), _int8(v, v_scale)
+    want = _reference_f64(q, _gathered(k_deq, pt), _gathered(v_deq, pt), lengths)
     got = jax.jit(functools.partial(paged_attention, pages_per_block=3))(
         q, k8, v8, lengths, pt, k_scales=k_scale, v_scales=v_scale)
-    _close(got, want, 1e-5)
-    _close(paged_attention_reference(q, k8, v8, lengths, pt, k_scales=k_scale,
-                                     v_scales=v_scale), want, 1e-5)
+    assert _rel_err(got, want) <= 1e-5
+    ref = paged_attention_reference(q, k8, v8, lengths, pt, k_scales=k_scale, v_scales=v_scale)
+    assert _rel_err(ref, want) <= 1e-5
 
 
 def test_tpu_flavour_scalar_prefetch():
-    """The TPU (Mosaic) variant in TPU interpret mode: page ids through scalar prefetch, split
-    over ragged blocks, NaN in unread slots, and int8 pages with per-page scales."""
-    want = _dense(*_pool())
-    q, k, v, lengths, pt = _pool(poison=np.nan)
-    tpu = functools.partial(paged_attention, pages_per_block=5, backend="tpu")
-    with pltpu.force_tpu_interpret_mode():
-        got = jax.jit(tpu)(q, k, v, lengths, pt)
-    _close(got, want, 1e-5)
-    q, k, v, lengths, pt = _pool()
-    k_scale = jnp.max(jnp.abs(k), axis=(1, 2, 3))[:, None, None] / 127.0
-    k8, v8 = (jnp.round(x / k_scale[..., None]).astype(jnp.int8) for x in (k, v))
-    deq = [x * k_scale[..., None] for x in (k8, v8)]
-    with pltpu.force_tpu_interpret_mode():
-        got = jax.jit(tpu)(q, k8[None], v8[None], lengths, pt, layer=0, k_scales=k_scale[None],
-                           v_scales=k_scale[None])
-    _close(got, _dense(q, *deq, lengths, pt), 1e-5)
+    """The TPU (Mosaic) variant in TPU interpret mode (output buffers start as NaN): page ids
+    through scalar prefetch, split over ragged blocks, NaN in unread slots, and int8 pages with
+    per-page scales."""
+    (q, k, v, lengths, pt), contiguous = _paged_case(FIXED, seed=3)
+    tpu = jax.jit(functools.partial(paged_attention, pages_per_block=4, backend="tpu"))
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(uninitialized_memory="nan")):
+        got = tpu(q, k, v, lengths, pt)
+    assert np.isfinite(got).all() and _rel_err(got, _reference_f64(q, *contiguous, lengths)) <= 1e-5
+    (q, k, v, lengths, pt), _ = _paged_case(FIXED, seed=4, poison=None)
+    scale = jnp.max(jnp.abs(k), axis=(1, 2, 3))[:, None, None] / 127.0
+    (k8, k_deq), (v8, v_deq) = _int8(k, scale), _int8(v, scale)
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(uninitialized_memory="nan")):
+        got = tpu(q, k8[None], v8[None], lengths, pt, layer=0, k_scales=scale[None],
+                  v_scales=scale[None])
+    want = _reference_f64(q, _gathered(k_deq, pt), _gathered(v_deq, pt), lengths)
+    assert np.isfinite(got).all() and _rel_err(got, want) <= 1e-5
 
 
 def test_bad_shapes_say_what_is_expected():
-    q, k, v, lengths, pt = _pool()
+    (q, k, v, lengths, pt), _ = _paged_case(FIXED, seed=0)
     with pytest.raises(ValueError, match="multiple of K"):
         paged_attention(q[:, :3], k, v, lengths, pt)
     with pytest.raises(ValueError, match="backend 'metal'"):
         paged_attention(q, k, v, lengths, pt, backend="metal")
+    rules = Rules(build_mesh(tiny_config({"data": 2, "fsdp": 1, "tensor": 4}).mesh))
+    with pytest.raises(ValueError, match="batch 5 does not split over the 2 shards"):
+        sharded_paged_attention(q, k[None], v[None], lengths, pt, layer=0, rules=rules,
+                                pool_spec=P(None, "data"))
 
 
-def test_model_decode_step_pallas_equals_xla():
-    """A paged cache with shuffled pages: prefill 5 / 12 tokens (xla), then decode one token
-    with each impl; padding rows (position -1) are ignored."""
-    cfgs = {impl: from_dict({"model": dict(TINY_MODEL, attention_impl=impl)}).model
-            for impl in ("xla", "pallas")}
-    cfg = cfgs["xla"]
+@pytest.mark.parametrize("mesh, specs", [
+    (None, None),
+    ({"data": 1, "fsdp": 2, "tensor": 4}, "P('fsdp', 'tensor'), P(None, None, None, 'tensor')"),
+    ({"data": 2, "fsdp": 1, "tensor": 4}, "P('data', 'tensor'), P(None, 'data', None, 'tensor')"),
+], ids=["one-device", "fsdp2-tensor4", "data2-tensor4"])
+def test_model_decode_step_pallas_equals_xla(mesh, specs):
+    """A paged cache with shuffled pages: prefill 5 / 12 / 0 / 9 tokens (xla), then decode one
+    token with each impl; padding rows (position -1) are ignored. On a mesh the pool is laid
+    out as the engine lays it out (KV heads over tensor, pages over data: rows 0-1 own pages
+    0-7, rows 2-3 pages 8-15) and the kernel runs per shard of it under shard_map."""
+    cfgs = {impl: tiny_config(mesh, model={"attention_impl": impl}) for impl in ("xla", "pallas")}
+    cfg = cfgs["xla"].model
+    rules = Rules(build_mesh(cfgs["xla"].mesh)) if mesh else None
     params = llama.init(jax.random.key(0), cfg)
-    ps, n_pages, B = 4, 16, 3
-    pt = jnp.asarray(np.random.default_rng(0).permutation(n_pages)[:B * 4].reshape(B, 4),
+    ps, n_pages, B = 4, 16, 4
+    rng = np.random.default_rng(0)
+    pt = jnp.asarray(np.concatenate([rng.permutation(8), 8 + rng.permutation(8)]).reshape(B, 4),
                      jnp.int32)
     shape = (cfg.n_layers, n_pages, ps, cfg.n_kv_heads, cfg.head_dim)
-    cache = {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "page_table": pt}
-    lens = np.array([5, 12, 0])
+    pool = jnp.zeros(shape) if rules is None else jax.device_put(
+        jnp.zeros(shape), rules.sharding(POOL_AXES, shape))
+    cache = {"k": pool, "v": pool, "page_table": pt}
+    lens = np.array([5, 12, 0, 9])
     T = 12
     toks = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
     pos = np.where(np.arange(T)[None] < lens[:, None], np.arange(T)[None], -1)
-    _, aux = llama.forward(params, toks[:, :T], jnp.asarray(pos, jnp.int32), cfg=cfg, cache=cache)
+    forward = lambda c: jax.jit(functools.partial(llama.forward, cfg=c.model, rules=rules))
+    _, aux = forward(cfgs["xla"])(params, toks[:, :T], jnp.asarray(pos, jnp.int32), cache=cache)
     step_pos = jnp.asarray(np.where(lens > 0, lens, -1)[:, None], jnp.int32)
     step_tok = toks[jnp.arange(B), jnp.asarray(lens)][:, None]
-    out = {impl: jax.jit(functools.partial(llama.forward, cfg=c))(
-        params, step_tok, step_pos, cache=aux["cache"]) for impl, c in cfgs.items()}
-    np.testing.assert_allclose(out["pallas"][0][:2], out["xla"][0][:2], atol=1e-5)
+    out = {impl: forward(c)(params, step_tok, step_pos, cache=aux["cache"])
+           for impl, c in cfgs.items()}
+    if rules is not None:  # the kernel runs per shard of the pool
+        jaxpr = str(jax.make_jaxpr(forward(cfgs["pallas"]))(params, step_tok, step_pos,
+                                                             cache=aux["cache"]))
+        assert "pallas_call" in jaxpr and f"in_specs=({specs}, " in jaxpr  # q, k pool
+    valid = lens > 0
+    np.testing.assert_allclose(out["pallas"][0][valid], out["xla"][0][valid], atol=1e-5)
     for name in ("k", "v"):  # same writes (layer > 0 sees layer 0's rounding)
         np.testing.assert_allclose(out["pallas"][1]["cache"][name],
                                    out["xla"][1]["cache"][name], atol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 
 from common import tiny_config, write_corpus
 from lmsys.checkpoint import CheckpointError, Checkpointer
+from lmsys.config import MESH_AXES
 from lmsys.train.loop import train
 
 FSDP8 = {"data": 1, "fsdp": 8, "tensor": 1}
@@ -65,7 +66,7 @@ def test_resume_on_another_mesh(corpus, straight):
     second = train(_cfg(corpus, run_dir, 6, MIXED), progress=False)
     np.testing.assert_allclose([h["loss"] for h in second], [h["loss"] for h in history6[3:]], rtol=1e-5)
     saved_mesh = Checkpointer(run_dir / "checkpoints").meta()["mesh"]
-    assert saved_mesh == {**MIXED, "sequence": 1}
+    assert saved_mesh == {**dict.fromkeys(MESH_AXES, 1), **MIXED}  # every axis, sizes as built
 
 
 def test_checkpoint_of_another_model_is_refused(corpus, straight):

@@ -1,7 +1,7 @@
-"""Hugging Face interop: Llama / Mistral / Qwen2 safetensors checkpoints in and out.
+"""Hugging Face interop: Llama / Mistral / Qwen2 / Qwen3 safetensors checkpoints in and out.
 
     cfg = config_from_hf(json.load(open("hf/config.json")))      # -> ModelConfig
-    params, cfg = load_hf("hf/", shardings)                      # streamed, one leaf at a time
+    params, cfg = load_hf("hf/", shardings)                      # each device reads its slices
     save_hf(params, cfg, "out/", tokenizer_dir="hf/", dtype="bfloat16")
 
 No PyTorch at run time: tensors are read with `safe_open(framework="numpy")` (bf16 arrives as
@@ -27,7 +27,7 @@ import numpy as np
 from lmsys.checkpoint import CheckpointError
 from lmsys.config import ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json")
 SINGLE_FILE = "model.safetensors"
@@ -69,12 +69,9 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The lmsys ModelConfig of an HF `config.json` (llama, mistral or qwen2), or a
+    """The lmsys ModelConfig of an HF `config.json` (llama, mistral, qwen2 or qwen3), or a
     ConversionError naming the model_type or field lmsys cannot express."""
     model_type = hf.get("model_type")
-    if model_type == "qwen3":
-        raise ConversionError("HF model_type qwen3 is unsupported for now (it needs q/k norm, "
-                              "which the lmsys model lacks); supported: " + ", ".join(SUPPORTED_MODEL_TYPES))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"HF model_type {model_type!r} is unsupported; supported: "
                               + ", ".join(SUPPORTED_MODEL_TYPES))
@@ -94,7 +91,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         refuse("attention_bias", True, "lmsys has no attention output bias")
     max_pos = hf.get("max_position_embeddings")
     window = hf.get("sliding_window")
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         if hf.get("use_sliding_window"):
             refuse("use_sliding_window", True, "lmsys has no sliding-window attention")
     elif window is not None and (max_pos is None or window < max_pos):
@@ -116,7 +113,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                   n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
                   d_ff=hf["intermediate_size"], rope_theta=theta,
                   norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias)
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+                  qk_norm=model_type == "qwen3")
     if scaling is not None:
         if not isinstance(scaling.get("factor"), (int, float)):
             refuse("rope_scaling", scaling, "a llama3 rope scaling needs a numeric factor")
@@ -133,10 +131,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None = None) -> dict:
-    """An HF config.json for `model`: LlamaForCausalLM, or Qwen2ForCausalLM with qkv_bias.
-    `base` (e.g. the config an import came from) supplies max_position_embeddings and token ids."""
+    """An HF config.json for `model`: LlamaForCausalLM, Qwen2ForCausalLM with qkv_bias or
+    Qwen3ForCausalLM with qk_norm. `base` (e.g. the config an import came from) supplies
+    max_position_embeddings and token ids."""
     base = base or {}
-    qwen = model.qkv_bias
+    if model.qkv_bias and model.qk_norm:
+        raise ConversionError("model.qkv_bias with model.qk_norm has no Hugging Face architecture "
+                              "(Qwen3's attention_bias also adds an o_proj bias); export needs one "
+                              "of them off")
+    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if model.qk_norm else
+                        ("Qwen2ForCausalLM", "qwen2") if model.qkv_bias else
+                        ("LlamaForCausalLM", "llama"))
     scaling = None
     max_pos = base.get("max_position_embeddings")
     if model.rope_scaling_factor:
@@ -146,8 +151,8 @@ def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None =
                    "original_max_position_embeddings": model.rope_original_max_position}
         max_pos = max_pos or int(model.rope_original_max_position * model.rope_scaling_factor)
     cfg = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": model.vocab_size,
         "hidden_size": model.d_model,
         "intermediate_size": model.d_ff,
@@ -165,10 +170,12 @@ def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None =
         "initializer_range": model.init_std,
         "use_cache": True,
     }
-    if qwen:
-        cfg.update(use_sliding_window=False, sliding_window=None, attention_dropout=0.0)
-    else:
+    if model_type == "llama":
         cfg.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    else:
+        cfg.update(use_sliding_window=False, sliding_window=None, attention_dropout=0.0)
+        if model_type == "qwen3":
+            cfg.update(attention_bias=False)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if base.get(key) is not None:
             cfg[key] = base[key]
@@ -180,7 +187,7 @@ def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None =
 
 def _hf_names(model: ModelConfig) -> dict:
     """lmsys leaf path -> (HF name pattern with {i} for the layer, kind). kind says how to
-    turn the HF tensor into the lmsys one (see `_to_lmsys`)."""
+    turn the HF tensor into the lmsys one (see `_hf_block`, `_to_hf`)."""
     p = "model.layers.{i}."
     names = {
         ("embed",): ("model.embed_tokens.weight", "copy"),
@@ -199,6 +206,9 @@ def _hf_names(model: ModelConfig) -> dict:
         names[("layers", "bq")] = (p + "self_attn.q_proj.bias", "bias")
         names[("layers", "bk")] = (p + "self_attn.k_proj.bias", "bias")
         names[("layers", "bv")] = (p + "self_attn.v_proj.bias", "bias")
+    if model.qk_norm:
+        names[("layers", "q_norm")] = (p + "self_attn.q_norm.weight", "copy")
+        names[("layers", "k_norm")] = (p + "self_attn.k_norm.weight", "copy")
     if not model.tie_embeddings:
         names[("unembed",)] = ("lm_head.weight", "transpose")
     return names
@@ -219,12 +229,31 @@ def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     raise AssertionError(kind)
 
 
-def _to_lmsys(x: np.ndarray, shape: tuple[int, ...], kind: str) -> np.ndarray:
-    if kind in ("copy",):
-        return x
-    if kind == "bias":
-        return x.reshape(shape)
-    return x.T.reshape(shape)  # transpose, in_heads, heads_out: [out, in] -> [in, out] -> heads
+def _hf_block(ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...], kind: str):
+    """For the block `ranges` ((start, stop) per axis) of an lmsys (per-layer) leaf of `shape`:
+    the slices of the HF tensor that hold it, and the function turning what they read into the
+    lmsys block. Heads are whole rows of N*H, so a block split over heads reads only its rows
+    (head_dim is never split; were it, the block's heads are read whole and cut)."""
+    def cut(r):
+        return slice(*r)
+
+    if kind == "copy":
+        return tuple(map(cut, ranges)), lambda x: x
+    if kind == "transpose":  # [in, out] <- [out, in]
+        return (cut(ranges[1]), cut(ranges[0])), lambda x: x.T
+    H = shape[1] if kind == "heads_out" else shape[-1]  # head_dim
+    if kind == "in_heads":  # [D, N, H] <- [N*H, D]
+        (d0, d1), (n0, n1), h = ranges
+        return ((slice(n0 * H, n1 * H), slice(d0, d1)),
+                lambda x: x.T.reshape(d1 - d0, n1 - n0, H)[:, :, cut(h)])
+    if kind == "heads_out":  # [N, H, D] <- [D, N*H]
+        (n0, n1), h, (d0, d1) = ranges
+        return ((slice(d0, d1), slice(n0 * H, n1 * H)),
+                lambda x: x.T.reshape(n1 - n0, H, d1 - d0)[:, cut(h), :])
+    if kind == "bias":  # [N, H] <- [N*H]
+        (n0, n1), h = ranges
+        return (slice(n0 * H, n1 * H),), lambda x: x.reshape(n1 - n0, H)[:, cut(h)]
+    raise AssertionError(kind)
 
 
 def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
@@ -288,14 +317,17 @@ class _TensorReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.handles[self.weight_map[name]].get_slice(name).get_shape())
 
-    def get(self, name: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    def check(self, name: str, shape: tuple[int, ...], where: str) -> None:
         if name not in self.weight_map:
             raise ConversionError(f"{where}: tensor {name} is missing from the safetensors files")
         got = self.shape(name)
         if got != tuple(shape):
             raise ConversionError(f"{where}: tensor {name} has shape {list(got)}, expected "
                                   f"{list(shape)} from config.json")
-        return self.handles[self.weight_map[name]].get_tensor(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The part `index` of tensor `name`; only those bytes are read from the file."""
+        return self.handles[self.weight_map[name]].get_slice(name)[index]
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -314,11 +346,20 @@ def is_hf_dir(path: str | Path) -> bool:
         (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
 
 
+def _ignorable(name: str, model: ModelConfig) -> bool:
+    """HF tensors lmsys may skip: RoPE tables some old checkpoints saved, and an lm_head that
+    transformers itself ties to (replaces by) the embedding."""
+    return name.endswith("rotary_emb.inv_freq") or (model.tie_embeddings and name == "lm_head.weight")
+
+
 def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
     """(params, ModelConfig) from an HF model directory (config.json + one or sharded
-    safetensors). Each lmsys leaf is assembled on the host from its HF tensors (layer by layer),
-    converted to `dtype` and placed at once on its sharding (a pytree like the params; None: the
-    default device), so host memory holds about one leaf at a time."""
+    safetensors). Every tensor's name and shape is checked first (a missing, unexpected or
+    misshapen tensor is a ConversionError naming it); then each leaf is built with
+    `jax.make_array_from_callback` on its sharding (a pytree like the params; None: the default
+    device): each device's block is read straight from the memory-mapped files as the slices
+    of the HF tensors (per layer) that hold it, so no host or device ever holds a whole sharded
+    tensor, and host memory holds about one leaf's shards at a time."""
     import jax
 
     hf_dir = Path(hf_dir)
@@ -327,22 +368,43 @@ def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
     from lmsys.models import llama
 
     specs = llama.param_specs(model)
-    params: dict = {}
+    leaves = []
     for path, (pattern, kind) in _hf_names(model).items():
         shape = _get(specs, path).shape
         stacked = path[0] == "layers"
-        one = shape[1:] if stacked else shape
-        hf_shape = _hf_shape(one, kind)
-        if stacked:
-            leaf = np.empty(shape, dtype)
-            for i in range(model.n_layers):
-                name = pattern.format(i=i)
-                leaf[i] = _to_lmsys(reader.get(name, hf_shape, str(hf_dir)), one, kind)
-        else:
-            leaf = np.asarray(_to_lmsys(reader.get(pattern, hf_shape, str(hf_dir)), one, kind), dtype)
-        sharding = None if shardings is None else _get(shardings, path)
-        _set(params, path, jax.device_put(leaf, sharding))
-        del leaf
+        names = [pattern.format(i=i) for i in range(model.n_layers)] if stacked else [pattern]
+        for name in names:
+            reader.check(name, _hf_shape(shape[1:] if stacked else shape, kind), str(hf_dir))
+        leaves.append((path, kind, shape, names))
+    used = {name for *_, names in leaves for name in names}
+    extra = sorted(n for n in reader.weight_map if n not in used and not _ignorable(n, model))
+    if extra:
+        raise ConversionError(
+            f"{hf_dir}: tensors {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''} have no "
+            f"place in the lmsys model of this config.json ({model.n_layers} layers, "
+            f"qkv_bias={model.qkv_bias}, qk_norm={model.qk_norm}, tie_embeddings="
+            f"{model.tie_embeddings}); lmsys would drop them, so it refuses the checkpoint")
+
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params: dict = {}
+    for path, kind, shape, names in leaves:
+        stacked = path[0] == "layers"
+        blocks: dict = {}  # replicas of one block are read once
+
+        def block(index, kind=kind, shape=shape, names=names, stacked=stacked, blocks=blocks):
+            ranges = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+            if ranges not in blocks:
+                layers = range(*ranges[0]) if stacked else [0]
+                inner = ranges[1:] if stacked else ranges
+                hf_index, to_lmsys = _hf_block(inner, shape[1:] if stacked else shape, kind)
+                out = np.stack([np.asarray(to_lmsys(reader.read(names[i], hf_index)), dtype)
+                                for i in layers])
+                blocks[ranges] = out if stacked else out[0]
+            return blocks[ranges]
+
+        sharding = default if shardings is None else _get(shardings, path)
+        _set(params, path, jax.make_array_from_callback(shape, sharding, block, dtype=dtype))
+        blocks.clear()
     return params, model
 
 
@@ -394,6 +456,7 @@ def save_hf(params: dict, model: ModelConfig, out_dir: str | Path, tokenizer_dir
     from safetensors.numpy import save_file
 
     writer = jax.process_index() == 0
+    config_to_hf(model)  # refuses a model no HF architecture expresses, before writing anything
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,13 @@ Implementations: "xla" (plain jnp, below), "pallas" (lmsys.kernels.flash_attenti
 self-attention where positions are the sequence indices — training and prefill. A call with
 explicit q/kv positions runs "xla"; the KV-cache decode step (one query token per row) is routed by
 the model to lmsys.kernels.paged_attention when `resolve_impl(impl) == "pallas"`),
-"auto" ("xla" on CPU, where Pallas only interprets; "pallas" on GPU/TPU).
+"cudnn" (GPU only: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused kernel,
+bf16/fp16; segment ids become a dense [batch, 1, q_len, kv_len] mask; no logits soft cap; calls
+with explicit positions run "xla", as for "pallas"),
+"auto": "xla" on CPU (Pallas only interprets there); on TPU "pallas"; on GPU "cudnn" for the calls
+it is fastest on (bf16/fp16, no segment ids, no soft cap, head_dim a multiple of 8 up to 128:
+`python -m lmsys.bench.attention`, BENCHMARKS.md) and "pallas" for the rest (packed documents,
+soft cap, fp32) and for the paged decode step.
 """
 
 from __future__ import annotations
@@ -17,16 +23,40 @@ import jax.numpy as jnp
 
 from lmsys.kernels.flash_attention import flash_attention
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "cudnn")
 
 
-def resolve_impl(impl: str) -> str:
-    """The implementation `impl` runs as here: "auto" becomes "xla" on CPU, else "pallas"."""
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """The kernel family `impl` runs as here: "auto" becomes "xla" on CPU, else "pallas" (the
+    per-call choice of cuDNN under "auto" is `_call_impl`'s)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl '{impl}' is not available; use one of {', '.join(IMPLS)}")
+    backend = backend or jax.default_backend()
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention impl 'cudnn' needs a GPU (this backend is {backend}); use "
+                         "'auto', 'pallas' or 'xla'")
     if impl == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
+        return "xla" if backend == "cpu" else "pallas"
     return impl
+
+
+def _call_impl(impl: str, q_BTNH, *, segments: bool, soft_cap, positions: bool,
+               backend: str | None = None) -> str:
+    """The implementation one call runs: `resolve_impl`, then "auto" on GPU takes cuDNN for the
+    calls it supports and is fastest on; explicit positions (a KV cache) run "xla"."""
+    backend = backend or jax.default_backend()
+    family = resolve_impl(impl, backend)
+    if positions:
+        return "xla"
+    low_precision = q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
+    head_dim = q_BTNH.shape[-1]
+    if impl == "cudnn" and (soft_cap is not None or not low_precision):
+        raise ValueError("attention impl 'cudnn' supports bf16/fp16 inputs without a logits soft "
+                         f"cap (got {q_BTNH.dtype}, soft cap {soft_cap}); use 'pallas'")
+    if (impl == "auto" and backend == "gpu" and low_precision and not segments
+            and soft_cap is None and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return family
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
@@ -47,8 +77,13 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
     along the sequence; a KV cache passes its slot positions. `logits_soft_cap`: logits become
     cap * tanh(logits / cap).
     """
-    impl = resolve_impl(impl)
-    if impl == "pallas" and q_positions_BT is None and kv_positions_BS is None:
+    impl = _call_impl(impl, q_BTNH, segments=q_segment_ids_BT is not None,
+                      soft_cap=logits_soft_cap,
+                      positions=q_positions_BT is not None or kv_positions_BS is not None)
+    if impl == "cudnn":
+        return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS,
+                                causal=causal, sm_scale=sm_scale, sliding_window=sliding_window)
+    if impl == "pallas":
         segs = None
         if q_segment_ids_BT is not None:
             segs = (q_segment_ids_BT,
@@ -93,3 +128,16 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, *, q_segment_ids_BT=None, kv_segment_i
     out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH,
                            preferred_element_type=jnp.float32)
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_seg_BT, kv_seg_BS, *, causal, sm_scale,
+                     sliding_window):
+    """cuDNN's fused attention through jax.nn; segment ids as a dense mask."""
+    mask = None
+    if q_seg_BT is not None:
+        kv_seg_BS = q_seg_BT if kv_seg_BS is None else kv_seg_BS
+        mask = (q_seg_BT[:, None, :, None] == kv_seg_BS[:, None, None, :])
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, scale=sm_scale,
+                                        is_causal=causal, local_window_size=window,
+                                        implementation="cudnn")

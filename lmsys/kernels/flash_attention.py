@@ -37,7 +37,32 @@ from jax.experimental.pallas import triton as plgpu
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
-DEFAULT_BLOCKS = {"gpu": 64, "tpu": 128, "cpu": 64}
+BACKENDS = ("gpu", "tpu", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes of one pass and, on GPU, its Triton launch parameters. block_q and block_k
+    are the q and k rows per tile: the grid walks the outer one (q for fwd and dq, k for dkv),
+    the kernel loops over the other."""
+    block_q: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_tiles(backend: str, head_dim: int) -> dict[str, Tiles]:
+    """Tiles per pass ("fwd", "dq", "dkv"). GPU figures were tuned on an H100 with bf16
+    (`python -m lmsys.bench.attention --sweep`, BENCHMARKS.md); TPU tiles are (8, 128)-aligned;
+    CPU (interpret mode) favours few grid steps."""
+    if backend == "gpu":
+        if head_dim <= 64:
+            return {"fwd": Tiles(128, 64, 4, 3), "dq": Tiles(128, 64, 4, 3),
+                    "dkv": Tiles(32, 128, 4, 3)}
+        return {"fwd": Tiles(128, 128, 8, 3), "dq": Tiles(64, 64, 4, 2),
+                "dkv": Tiles(64, 64, 4, 2)}
+    block = 128 if backend == "tpu" else 64
+    return {name: Tiles(block, block) for name in ("fwd", "dq", "dkv")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +71,23 @@ class _Cfg:
     scale: float
     window: int | None
     cap: float | None
-    block_q: int
+    block_q: int         # of the pass being built (see `passes`)
     block_k: int
     q_len: int           # unpadded lengths
     kv_len: int
+    kv_padded: bool      # keys were padded: mask them
     backend: str         # "gpu" | "tpu" | "cpu"
     interpret: bool
     has_seg: bool
+    tiles: tuple         # ((pass name, Tiles), ...) for fwd, dq, dkv
+
+    def pass_(self, name: str) -> "_Cfg":
+        """This config with the block sizes of pass `name`."""
+        t = dict(self.tiles)[name]
+        return dataclasses.replace(self, block_q=t.block_q, block_k=t.block_k)
+
+    def launch(self, name: str) -> Tiles:
+        return dict(self.tiles)[name]
 
     @property
     def heads_major(self) -> bool:  # TPU layout [B, N, T, H]
@@ -85,7 +120,7 @@ def _mask(q_pos, k_pos, q_seg, k_seg, c: _Cfg):
         mask.append(k_pos > q_pos - c.window)
     if q_seg is not None:
         mask.append(q_seg == k_seg)
-    if c.kv_len % c.block_k:
+    if c.kv_padded:
         mask.append(k_pos < c.kv_len)
     if not mask:
         return None
@@ -243,12 +278,12 @@ def _dkv_kernel(*refs, c: _Cfg, groups: int):
 # ----------------------------------------------------------------------------- pallas_call wrappers
 
 
-def _call(kernel, c: _Cfg, *, grid, in_specs, out_specs, out_shape, name):
+def _call(kernel, c: _Cfg, *, grid, in_specs, out_specs, out_shape, name, pass_name):
     """pl.pallas_call with the backend's compiler parameters."""
-    head_dim = in_specs[0].block_shape[-1]
     params = None
     if c.backend == "gpu":
-        params = plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        t = c.launch(pass_name)
+        params = plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
     elif c.backend == "tpu":
         params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
                                       vmem_limit_bytes=_tpu_vmem_limit(in_specs, out_specs))
@@ -304,6 +339,7 @@ def _shape(c: _Cfg, x):
 
 
 def _fwd_call(c: _Cfg, q, k, v, segs):
+    c = c.pass_("fwd")
     B, T, N, H = _shape(c, q)
     S, K = _shape(c, k)[1:3]
     G = N // K
@@ -322,11 +358,12 @@ def _fwd_call(c: _Cfg, q, k, v, segs):
                  jax.ShapeDtypeStruct((B, N, T, 1), jnp.float32)]
     o, lse_BNT1 = _call(
         functools.partial(_fwd_kernel, c=c), c, grid=(B, N, T // c.block_q), in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, name="lmsys_flash_fwd")(*args)
+        out_specs=out_specs, out_shape=out_shape, name="lmsys_flash_fwd", pass_name="fwd")(*args)
     return o, lse_BNT1
 
 
 def _dq_call(c: _Cfg, q, k, v, do, lse_BNT1, delta_BNT1, segs):
+    c = c.pass_("dq")
     B, T, N, H = _shape(c, q)
     S, K = _shape(c, k)[1:3]
     G = N // K
@@ -344,10 +381,11 @@ def _dq_call(c: _Cfg, q, k, v, do, lse_BNT1, delta_BNT1, segs):
     return _call(
         functools.partial(_dq_kernel, c=c), c, grid=(B, N, T // c.block_q), in_specs=in_specs,
         out_specs=rows(c.block_q, same), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="lmsys_flash_dq")(*args)
+        name="lmsys_flash_dq", pass_name="dq")(*args)
 
 
 def _dkv_call(c: _Cfg, q, k, v, do, lse_BN1T, delta_BN1T, segs):
+    c = c.pass_("dkv")
     B, T, N, H = _shape(c, q)
     S, K = _shape(c, k)[1:3]
     G = N // K
@@ -365,7 +403,7 @@ def _dkv_call(c: _Cfg, q, k, v, do, lse_BN1T, delta_BN1T, segs):
     return _call(
         functools.partial(_dkv_kernel, c=c, groups=G), c, grid=(B, K, S // c.block_k),
         in_specs=in_specs, out_specs=[rows(c.block_k, same), rows(c.block_k, same)],
-        out_shape=[out, out], name="lmsys_flash_dkv")(*args)
+        out_shape=[out, out], name="lmsys_flash_dkv", pass_name="dkv")(*args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -400,10 +438,6 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _default_block(backend: str, length: int) -> int:
-    return min(DEFAULT_BLOCKS[backend], max(16, pl.next_power_of_2(length)))
-
-
 def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
                     causal: bool = True,
                     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
@@ -411,6 +445,7 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
                     sliding_window: int | None = None,
                     logits_soft_cap: float | None = None,
                     block_q: int | None = None, block_k: int | None = None,
+                    tiles: dict[str, Tiles] | None = None,
                     interpret: bool | None = None, backend: str | None = None) -> jax.Array:
     """Softmax attention as a Pallas kernel with a Pallas backward; out_BTNH in q's dtype.
 
@@ -418,8 +453,10 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
       (q_segment_ids_BT, kv_segment_ids_BS). Positions are the indices along the sequence.
     sliding_window: query i sees keys j with i - window < j (needs causal=True).
     logits_soft_cap: logits = cap * tanh(logits / cap), before masking.
-    block_q/block_k: tile sizes (default per backend: gpu 64, tpu 128, cpu 64, clamped to the
-      sequence); sequences are zero-padded to a multiple and padded keys masked.
+    tiles: {"fwd"|"dq"|"dkv": Tiles} overriding `default_tiles(backend, head_dim)` per pass;
+      block_q/block_k set the blocks of every pass at once. Blocks are clamped to the sequence
+      (power of two >= 16); sequences are zero-padded to a multiple of every pass's blocks and
+      padded keys masked.
     backend: "gpu" | "tpu" | "cpu" (default: jax.default_backend()); interpret: default True
       only on CPU. Differentiable (custom VJP: lse saved, dq and dk/dv Pallas kernels).
     """
@@ -433,19 +470,24 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
                          "and a window >= 1")
     backend = backend or jax.default_backend()
     backend = {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
-    if backend not in DEFAULT_BLOCKS:
+    if backend not in BACKENDS:
         raise ValueError(f"flash_attention: backend '{backend}' is not one of gpu, tpu, cpu")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    bq = block_q or _default_block(backend, T)
-    bk = block_k or _default_block(backend, S)
+    chosen = {**default_tiles(backend, H), **(tiles or {})}
+    fit = lambda b, n: min(b, max(16, pl.next_power_of_2(n)))
+    chosen = {name: dataclasses.replace(t, block_q=fit(block_q or t.block_q, T),
+                                        block_k=fit(block_k or t.block_k, S))
+              for name, t in chosen.items()}
+    Tp = _round_up(T, max(t.block_q for t in chosen.values()))
+    Sp = _round_up(S, max(t.block_k for t in chosen.values()))
     c = _Cfg(causal=causal, scale=float(H ** -0.5 if sm_scale is None else sm_scale),
              window=sliding_window,
              cap=None if logits_soft_cap is None else float(logits_soft_cap),
-             block_q=bq, block_k=bk, q_len=T, kv_len=S, backend=backend,
-             interpret=bool(interpret), has_seg=segment_ids is not None)
+             block_q=0, block_k=0, q_len=T, kv_len=S, kv_padded=Sp != S, backend=backend,
+             interpret=bool(interpret), has_seg=segment_ids is not None,
+             tiles=tuple(sorted(chosen.items())))
 
-    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
     Hp = max(16, pl.next_power_of_2(H)) if backend == "gpu" else H
 
     def prep(x, length):

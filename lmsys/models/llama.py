@@ -4,8 +4,10 @@
     logits_BTV, aux = forward(params, tokens_BT, positions_BT, segment_ids_BT, cfg=cfg)
 
 RMSNorm, RoPE (with Llama-3 frequency scaling), grouped-query attention, SwiGLU, tied or untied
-embeddings, optional qkv bias. Each parameter's shape and logical axes are declared once, in
-`param_specs`; the rule table in lmsys.parallel turns the axes into shardings.
+embeddings, optional qkv bias, optional per-head q/k RMSNorm (Qwen3), and with `n_experts` > 0 a
+Mixtral/DeepSeek-style mixture-of-experts MLP (`moe_mlp`; its router losses come back in aux). Each parameter's shape
+and logical axes are declared once, in `param_specs`; the rule table in lmsys.parallel turns
+the axes into shardings.
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ def param_specs(cfg: ModelConfig) -> dict:
         "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
         "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal"),
     }
+    if cfg.n_experts:
+        layers.update(moe_param_specs(cfg))
     if cfg.qkv_bias:
         layers["bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros")
         layers["bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
         layers["bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        layers["q_norm"] = ParamSpec((L, H), ("layers", "norm"), "ones")
+        layers["k_norm"] = ParamSpec((L, H), ("layers", "norm"), "ones")
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
         "layers": layers,
@@ -98,6 +105,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     output projection is (tied or not)."""
     matmul_params = count_params(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
     matmul_params -= cfg.d_model * (2 * cfg.n_layers + 1)  # norms
+    matmul_params -= 2 * cfg.n_layers * cfg.head_dim if cfg.qk_norm else 0
+    if cfg.n_experts:  # each token runs experts_per_token of the n_experts routed experts
+        routed = 3 * cfg.n_layers * cfg.n_experts * cfg.d_model * (cfg.moe_d_ff or cfg.d_ff)
+        matmul_params -= routed * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
@@ -175,11 +186,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
             "page_table": jnp.arange(batch, dtype=jnp.int32)[:, None]}
 
 
-def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, positions_BT, impl):
+def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, positions_BT, impl,
+                      rules=None):
     """Writes this call's keys/values into the paged pool of `layer` and attends over each
     row's pages. Tokens at position < 0 are padding: their writes are dropped. A decode step
     (one token per row) with impl resolving to "pallas" runs the paged kernel (GPU, TPU; CPU
-    interpret), else the pages are gathered into a dense sequence for `attention`."""
+    interpret; on a mesh per shard of the pool, lmsys.parallel.kernels), else the pages are
+    gathered into a dense sequence for `attention`."""
     from lmsys.kernels import paged_attention, resolve_impl
     from lmsys.kernels.paged_attention import supported_backend as paged_supported
     k_LPSKH, v_LPSKH = kv
@@ -193,8 +206,14 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     if q_BTNH.shape[1] == 1 and resolve_impl(impl) == "pallas" and paged_supported():
         # decode: the kernel reads this layer's pages in place; row b sees positions <= its own
         lengths_B = jnp.maximum(positions_BT[:, 0] + 1, 0)
-        o_BNH = paged_attention(q_BTNH[:, 0], k_LPSKH, v_LPSKH, lengths_B, page_table_BP,
-                                layer=layer)
+        if rules is not None and rules.mesh.size > 1:
+            from lmsys.parallel.kernels import sharded_paged_attention
+
+            o_BNH = sharded_paged_attention(q_BTNH[:, 0], k_LPSKH, v_LPSKH, lengths_B,
+                                            page_table_BP, layer=layer, rules=rules)
+        else:
+            o_BNH = paged_attention(q_BTNH[:, 0], k_LPSKH, v_LPSKH, lengths_B, page_table_BP,
+                                    layer=layer)
         return o_BNH[:, None], (k_LPSKH, v_LPSKH)
     K, H = k_LPSKH.shape[3], k_LPSKH.shape[4]
     k_BSKH = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
@@ -204,9 +223,109 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     return o_BTNH, (k_LPSKH, v_LPSKH)
 
 
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def moe_param_specs(cfg: ModelConfig) -> dict:
+    """The MoE layer params, replacing the dense w_gate/w_up/w_down: a router, the routed experts
+    stacked on an `experts` axis (split over the `expert` mesh axis) and optional shared experts."""
+    D, L, E = cfg.d_model, cfg.n_layers, cfg.n_experts
+    F = cfg.moe_d_ff or cfg.d_ff
+    specs = {
+        "router": ParamSpec((L, D, E), ("layers", "embed", "router"), "normal"),
+        "w_gate": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp"), "normal"),
+        "w_up": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp"), "normal"),
+        "w_down": ParamSpec((L, E, F, D), ("layers", "experts", "mlp", "embed"), "normal"),
+    }
+    if cfg.n_shared_experts:  # n shared experts of width F are one SwiGLU of width n x F
+        S = cfg.n_shared_experts * F
+        specs["shared_w_gate"] = ParamSpec((L, D, S), ("layers", "embed", "mlp"), "normal")
+        specs["shared_w_up"] = ParamSpec((L, D, S), ("layers", "embed", "mlp"), "normal")
+        specs["shared_w_down"] = ParamSpec((L, S, D), ("layers", "mlp", "embed"), "normal")
+    return specs
+
+
+def moe_capacity(cfg: ModelConfig, row_tokens: int) -> int:
+    """Slots per expert per row: every token of the row when dropless (capacity factor 0), else
+    ceil(factor x k x row_tokens / n_experts), at least 1 and at most row_tokens."""
+    if not cfg.moe_capacity_factor:
+        return row_tokens
+    c = math.ceil(cfg.moe_capacity_factor * cfg.experts_per_token * row_tokens / cfg.n_experts)
+    return max(1, min(row_tokens, c))
+
+
+def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
+    """The routed MLP of one layer, GShard-style dispatch within each row, and its router losses.
+
+    Each token picks its top-k experts by router logit; their weights are a softmax over those k
+    logits (Mixtral). Within a row, an expert takes tokens up to its capacity C (`moe_capacity`),
+    first choices before second ones, earlier tokens first; assignments past C are dropped. The
+    tokens are dispatched to an [experts, batch, C, D] array by a one-hot einsum, run through
+    their expert's SwiGLU and combined back with their weights. With `expert` > 1 on the mesh,
+    the experts' weights and the rows are both split over it and two all-to-alls move the slots
+    to their expert's device and back (lmsys.parallel.moe). Shared experts (if any) see every
+    token.
+
+    Returns (out_BTD, losses_2): the load-balancing loss n_experts x sum_e f_e p_e (f_e: the
+    fraction of the k x tokens assignments routed to e, p_e: e's mean router probability; 1.0 when
+    balanced) and the z-loss mean(logsumexp(logits)^2), both over the tokens of this call.
+    """
+    B, T, _ = h_BTD.shape
+    E, K, C = cfg.n_experts, cfg.experts_per_token, moe_capacity(cfg, h_BTD.shape[1])
+    logits_BTE = jnp.einsum("btd,de->bte", h_BTD, lp["router"], preferred_element_type=jnp.float32)
+    logits_BTE = _constrain(rules, logits_BTE, ("batch", "seq", "router"))
+    top_logits_BTK, expert_BTK = jax.lax.top_k(logits_BTE, K)
+    weights_BTK = jax.nn.softmax(top_logits_BTK, axis=-1)
+    onehot_BTKE = jax.nn.one_hot(expert_BTK, E, dtype=jnp.int32)
+    # slot of each assignment in its expert: count over (choice, token), choice-major
+    order_BNE = jnp.swapaxes(onehot_BTKE, 1, 2).reshape(B, K * T, E)
+    slot_BKTE = (jnp.cumsum(order_BNE, axis=1) - 1).reshape(B, K, T, E)
+    slot_BTK = jnp.sum(jnp.swapaxes(slot_BKTE, 1, 2) * onehot_BTKE, axis=-1)
+    slot_BTKC = jax.nn.one_hot(slot_BTK, C, dtype=jnp.float32)  # all zero past capacity: dropped
+    onehot_f_BTKE = onehot_BTKE.astype(jnp.float32)
+    dispatch_BTEC = jnp.einsum("btke,btkc->btec", onehot_f_BTKE, slot_BTKC)
+    combine_BTEC = jnp.einsum("btke,btkc->btec", onehot_f_BTKE * weights_BTK[..., None], slot_BTKC)
+
+    dtype = h_BTD.dtype
+    x_EBCD = jnp.einsum("btec,btd->ebcd", dispatch_BTEC.astype(dtype), h_BTD)
+    weights = (lp["w_gate"], lp["w_up"], lp["w_down"])
+    if rules is not None and rules.mesh.shape.get("expert", 1) > 1:
+        from lmsys.parallel.moe import expert_parallel
+
+        x_EBCD = _constrain(rules, x_EBCD, (None, "batch", None, None))  # each row's slots stay home
+        y_EBCD = expert_parallel(_experts_swiglu, x_EBCD, weights, rules=rules)
+    else:
+        y_EBCD = _experts_swiglu(x_EBCD, *weights, rules)
+    y_EBCD = _constrain(rules, y_EBCD, (None, "batch", None, None))
+    out_BTD = jnp.einsum("btec,ebcd->btd", combine_BTEC.astype(dtype), y_EBCD)
+    if cfg.n_shared_experts:
+        out_BTD = out_BTD + _swiglu(h_BTD, lp["shared_w_gate"], lp["shared_w_up"], lp["shared_w_down"], rules)
+
+    probs_BTE = jax.nn.softmax(logits_BTE, axis=-1)
+    fraction_E = jnp.mean(onehot_f_BTKE, axis=(0, 1, 2))
+    balance = E * jnp.sum(fraction_E * jnp.mean(probs_BTE, axis=(0, 1)))
+    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)))
+    return out_BTD, jnp.stack([balance, z])
+
+
+def _experts_swiglu(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD, rules):
+    gate_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_gate_EDF)
+    up_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_up_EDF)
+    hidden_EBCF = _constrain(rules, jax.nn.silu(gate_EBCF) * up_EBCF, ("experts", "batch", None, "mlp"))
+    return jnp.einsum("ebcf,efd->ebcd", hidden_EBCF, w_down_EFD)
+
+
+def _swiglu(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules):
+    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w_gate_DF)
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w_up_DF)
+    hidden_BTF = _constrain(rules, jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD)
+
+
 def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
            page_table_BP):
-    """One decoder block; `kv` is the (k, v) page pool of all layers, or None."""
+    """One decoder block; `kv` is the (k, v) page pool of all layers, or None. Returns
+    (x_BTD, kv, moe_losses_2): the MoE router losses, None for a dense MLP."""
     dtype = x_BTD.dtype
     lp = materialize(lp, dtype)
     act = ("batch", "seq", None)
@@ -217,6 +336,9 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, lp["wv"])
     if cfg.qkv_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + lp["bq"], k_BTKH + lp["bk"], v_BTKH + lp["bv"]
+    if cfg.qk_norm:  # per head, over head_dim, before RoPE (HF Qwen3Attention)
+        q_BTNH = rms_norm(q_BTNH, lp["q_norm"], cfg.norm_eps)
+        k_BTKH = rms_norm(k_BTKH, lp["k_norm"], cfg.norm_eps)
     q_BTNH = _constrain(rules, apply_rope(q_BTNH, positions_BT, inv_freq), ("batch", "seq", "heads", None))
     k_BTKH = _constrain(rules, apply_rope(k_BTKH, positions_BT, inv_freq), ("batch", "seq", "kv_heads", None))
     v_BTKH = _constrain(rules, v_BTKH, ("batch", "seq", "kv_heads", None))
@@ -237,22 +359,24 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
                            causal=True, impl=cfg.attention_impl)
     else:
         o_BTNH, kv = _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP,
-                                       positions_BT, cfg.attention_impl)
+                                       positions_BT, cfg.attention_impl, rules)
     attn_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, lp["wo"])
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, attn_BTD, act), "attn_out")
 
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
-    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, lp["w_gate"])
-    up_BTF = jnp.einsum("btd,df->btf", h_BTD, lp["w_up"])
-    hidden_BTF = _constrain(rules, jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    mlp_BTD = jnp.einsum("btf,fd->btd", hidden_BTF, lp["w_down"])
+    moe_losses = None
+    if cfg.n_experts:
+        mlp_BTD, moe_losses = moe_mlp(h_BTD, lp, cfg=cfg, rules=rules)
+    else:
+        mlp_BTD = _swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules)
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, mlp_BTD, act), "mlp_out")
-    return x_BTD, kv
+    return x_BTD, kv, moe_losses
 
 
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
             segment_ids_BT: jax.Array | None = None, *, cfg: ModelConfig, rules=None,
-            dtype=jnp.float32, remat: str = "none", cache: dict | None = None):
+            dtype=jnp.float32, remat: str = "none", cache: dict | None = None,
+            logits: bool = True):
     """Logits [batch, seq, vocab] in float32, and an aux dict.
 
     segment_ids_BT: tokens of different documents in one row (packed sequences) never attend to
@@ -267,6 +391,10 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
       attends to its row's slots at positions <= its own (segment ids are not used with a
       cache). The updated cache is returned as aux["cache"]. `init_cache` makes a contiguous
       one; lmsys.serve manages a shared pool.
+    With `cfg.n_experts` > 0, aux also holds "moe_aux_loss" and "moe_z_loss" (`moe_mlp`'s router
+      losses, summed over the layers; float32 scalars).
+    logits: False skips the output projection: the first result is then the final-normed hidden
+      states [batch, seq, d_model] in the compute dtype, which `unembed` turns into the logits.
     """
     inv_freq = rope_frequencies(cfg)
     # Gather the table's FSDP shards before the lookup (a gather from an fsdp-split model dim
@@ -279,21 +407,44 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     def body(carry, scanned):
         x, kv = carry
         lp, layer = scanned
-        x, kv = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
-                       segment_ids_BT=segment_ids_BT, inv_freq=inv_freq, page_table_BP=page_table_BP)
-        return (x, kv), None
+        x, kv, moe_losses = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
+                                   segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
+                                   page_table_BP=page_table_BP)
+        return (x, kv), moe_losses
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     kv = None if cache is None else (cache["k"], cache["v"])
-    (x_BTD, kv), _ = jax.lax.scan(body, (x_BTD, kv), (params["layers"], jnp.arange(cfg.n_layers)))
+    if cache is None and rules is not None and rules.mesh.shape.get("stage", 1) > 1:
+        from lmsys.parallel.pipeline import pipeline
+
+        if cfg.n_experts:
+            raise ValueError("pipeline parallelism (mesh stage > 1) does not carry the MoE router "
+                             "losses; use mesh.stage=1 with model.n_experts > 0")
+
+        def block(x, lp, pos_BT, seg_BT, stage_rules):  # one layer inside a pipeline stage
+            return _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
+                          segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None)[0]
+
+        x_BTD = pipeline(block, params["layers"], x_BTD, positions_BT, segment_ids_BT, rules=rules,
+                         policy=None if remat == "none" else REMAT_POLICIES[remat])
+    else:
+        (x_BTD, kv), moe_losses_L2 = jax.lax.scan(body, (x_BTD, kv),
+                                                  (params["layers"], jnp.arange(cfg.n_layers)))
 
     x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
+    aux = {}
+    if cfg.n_experts:  # summed over the layers
+        aux["moe_aux_loss"], aux["moe_z_loss"] = jnp.sum(moe_losses_L2, axis=0)
+    if cache is not None:
+        aux["cache"] = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
+    return (unembed(params, x_BTD, cfg=cfg, rules=rules, dtype=dtype) if logits else x_BTD), aux
+
+
+def unembed(params: dict, x_BTD: jax.Array, *, cfg: ModelConfig, rules=None, dtype=jnp.float32):
+    """Logits [batch, seq, vocab] in float32 of final-normed hidden states (`forward`'s output
+    projection)."""
     unembed_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
     logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, materialize(unembed_DV, dtype),
                             preferred_element_type=jnp.float32)
-    logits_BTV = _constrain(rules, logits_BTV, ("batch", "seq", "vocab"))
-    aux = {}
-    if cache is not None:
-        aux["cache"] = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
-    return logits_BTV, aux
+    return _constrain(rules, logits_BTV, ("batch", "seq", "vocab"))

@@ -20,6 +20,15 @@ PRESETS: dict[str, dict] = {
                head_dim=128, d_ff=14336, rope_theta=500000.0, tie_embeddings=False,
                rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                rope_original_max_position=8192, norm_eps=1e-5),
+    # A tiny mixture of experts for tests and CPU runs: 8 experts of width 384, top-2.
+    "tiny-moe": dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8,
+                     head_dim=32, d_ff=768, rope_theta=10000.0, tie_embeddings=True,
+                     n_experts=8, experts_per_token=2, moe_d_ff=384),
+    # Mixtral-8x7B shape (46.7B params, 12.9B active per token), for planning.
+    "mixtral-8x7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                         head_dim=128, d_ff=14336, rope_theta=1000000.0, tie_embeddings=False,
+                         norm_eps=1e-5, n_experts=8, experts_per_token=2, moe_d_ff=14336,
+                         router_aux_loss=0.02),
     # Llama-3.1-70B shape.
     "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                 head_dim=128, d_ff=28672, rope_theta=500000.0, tie_embeddings=False,

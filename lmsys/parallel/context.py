@@ -1,15 +1,36 @@
 """Context (sequence) parallelism: attention over a sequence split across the `sequence` axis.
 
-Each device holds a contiguous chunk of the sequence (queries, keys, values, segment ids).
+Layout. With n devices on the axis each holds T = seq_len / n tokens of every sequence:
+
+- contiguous (`Rules.sequence_load_balance=False`): device i holds tokens [i*T, (i+1)*T). Under a
+  causal mask device i's queries see only K/V chunks 0..i: the last device has n times the
+  first one's work, and a ring step takes as long as its busiest device.
+- load-balanced (the Trainer's default, `mesh.sequence_load_balance`): the sequence is cut into
+  2n chunks of T/2 tokens and device i holds chunks i and 2n-1-i (the zig-zag layout of
+  Megatron-LM's context parallelism and MaxText's `load_balance`). Every device then has the same
+  causal work: against its own K/V 3 of the 4 half-blocks (its early chunk does not see its late
+  one), against every other device's K/V exactly 2: its late chunk sees their early chunk, and
+  either its early chunk sees their early chunk (they come before) or its late chunk sees their
+  late chunk (they come after).
+  The Trainer puts each batch in this order once (`to_load_balanced`, before the embedding):
+  everything but attention works token by token, RoPE reads the explicit positions, and the loss
+  is a sum over tokens, so nothing is ever put back.
+
+Methods (`Rules.sequence_method`):
 
 - `ring`: K/V chunks travel around the ring with `lax.ppermute`; each device folds every chunk
-  into its queries' online softmax (running max, denominator, numerator), so no device ever
-  holds more than two K/V chunks. The next chunk's transfer is issued before the current
-  chunk's compute, so XLA can overlap them.
-- `allgather`: every device all-gathers K/V (and their segment ids) and attends its queries
-  to the whole sequence: simpler, more memory, one collective.
+  into its queries' online softmax (running max, denominator, numerator), so no device holds
+  more than two K/V chunks. Each step issues the ppermute of the chunk it holds (to the next
+  device) before computing with it: the transfer and the compute are independent, so XLA's
+  scheduler overlaps them (async collective-permute on GPU/TPU). n-1 transfers per layer, the
+  minimum. Blocks entirely in a query chunk's future are skipped: with the contiguous layout by
+  `lax.cond` (device i computes i+1 blocks), with the balanced layout by choosing which half of
+  the query and K/V chunks meet (every device computes 1.5 + (n-1)/2 blocks of T x T, no branch).
+- `allgather`: every device all-gathers K/V (and their segment ids) and attends its queries to
+  the whole sequence: one collective, n times the K/V memory, T x nT masked logits on every
+  device whatever the layout.
 
-Both mask by global position (causal) and by segment id (packed documents), and give the same
+Both mask by global token index (causal) and by segment id (packed documents), and give the same
 numbers as plain attention on the whole sequence.
 """
 
@@ -19,78 +40,147 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 AXIS = "sequence"
 MASKED = -1e30
 
 
-def _block(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, scale):
-    """Logits of a query chunk against a key chunk, masked; and the chunk's value products."""
+def to_load_balanced(x_BT: jax.Array, n: int) -> jax.Array:
+    """Reorders axis 1 (the sequence) into the load-balanced layout for a ring of n devices:
+    2n chunks, chunks i and 2n-1-i next to each other, so that splitting the result into n
+    contiguous pieces gives device i those two. Slices and a reversal, no gather; works on whole
+    rows, before the sequence is split. Trailing axes are kept."""
+    B, T = x_BT.shape[:2]
+    if T % (2 * n):
+        raise ValueError(f"a sequence of {T} tokens does not split into 2 x mesh.sequence = {2 * n} "
+                         "equal chunks for the load-balanced ring; use a seq_len divisible by "
+                         f"{2 * n} or set mesh.sequence_load_balance=false")
+    x = x_BT.reshape(B, 2, n, T // (2 * n), *x_BT.shape[2:])
+    # first halves: chunks 0..n-1; second halves reversed: chunks 2n-1..n
+    return jnp.stack([x[:, 0], jnp.flip(x[:, 1], axis=1)], axis=2).reshape(x_BT.shape)
+
+
+def _layout_index(dev, T: int, n: int, balance: bool) -> jax.Array:
+    """Global token indices of device `dev`'s local tokens (dev may be traced), as [parts, T/parts]:
+    one part (contiguous) or two (balanced: chunks dev and 2n-1-dev)."""
+    if balance:
+        c = T // 2
+        return jnp.stack([dev * c + jnp.arange(c), (2 * n - 1 - dev) * c + jnp.arange(c)])
+    return (dev * T + jnp.arange(T))[None]
+
+
+def _mask(q_idx_T, kv_idx_S, q_seg_BT, kv_seg_BS, causal):
+    mask_BTS = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
+    if causal:
+        mask_BTS &= kv_idx_S[None, None, :] <= q_idx_T[None, :, None]
+    return mask_BTS
+
+
+def _logits(q_BTKGH, k_BSKH, mask_BTS, scale):
+    """Masked logits of a query chunk against a key chunk."""
     logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                               preferred_element_type=jnp.float32) * scale
     return jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASKED)
 
 
-def _mask(q_pos_T, kv_pos_S, q_seg_BT, kv_seg_BS, causal):
-    mask_BTS = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-    if causal:
-        mask_BTS &= kv_pos_S[None, None, :] <= q_pos_T[None, :, None]
-    return mask_BTS
-
-
-def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n):
-    """Runs on one device inside shard_map: its query chunk against all K/V chunks."""
+def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
+    """Runs on one device inside shard_map: its query chunk against all K/V chunks. Returns the
+    output and the number of query-key pairs it computed (per batch row and head)."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    me = jax.lax.axis_index(AXIS)
-    q_pos_T = me * T + jnp.arange(T)
-    perm = [(i, (i + 1) % n) for i in range(n)]
-
-    def fold(carry, step):
-        m_BKGT, l_BKGT, o_BKGTH, k, v, seg = carry
-        # start passing this chunk on before using it: the transfer overlaps the compute
-        nxt = jax.lax.ppermute((k, v, seg), AXIS, perm)
-        src = (me - step) % n  # whose chunk this is
-        kv_pos_S = src * T + jnp.arange(T)
-        logits = _block(q_BTKGH, k, v, _mask(q_pos_T, kv_pos_S, seg_BT, seg, causal), scale)
-        m_new = jnp.maximum(m_BKGT, logits.max(-1))
-        p = jnp.exp(logits - m_new[..., None])
-        correction = jnp.exp(m_BKGT - m_new)
-        l_new = l_BKGT * correction + p.sum(-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        o_new = o_BKGTH * correction[..., None] + pv
-        return (m_new, l_new, o_new, *nxt), None
-
     G = N // K
-    init = (jnp.full((B, K, G, T), MASKED, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
-            jnp.zeros((B, K, G, T, H), jnp.float32), k_BTKH, v_BTKH, seg_BT)
-    (m, l, o, *_), _ = jax.lax.scan(fold, init, jnp.arange(n))
-    out_BKGTH = o / jnp.maximum(l, 1e-30)[..., None]
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+    halves = balance and causal  # without a causal mask the layout changes no work
+    parts = 2 if halves else 1
+    c = T // parts
+    me = jax.lax.axis_index(AXIS)
+
+    def split(x):  # [B, T, ...] -> [parts, B, T/parts, ...]
+        return jnp.moveaxis(x.reshape(B, parts, c, *x.shape[2:]), 1, 0)
+
+    q_PBcKGH = split(q_BTNH.reshape(B, T, K, G, H))
+    q_seg_PBc = split(seg_BT)
+    q_idx_Pc = _layout_index(me, T, n, balance)
+    pick = partial(jax.lax.dynamic_index_in_dim, axis=0, keepdims=False)
+
+    def fold(stats, kv, src, qi, kj):
+        """Folds query part qi against part kj of device src's K/V into the online softmax."""
+        m_PBKGc, l_PBKGc, o_PBKGcH, work = stats
+        k_PBcKH, v_PBcKH, kv_seg_PBc = kv
+        mask = _mask(pick(q_idx_Pc, qi), pick(_layout_index(src, T, n, balance), kj),
+                     pick(q_seg_PBc, qi), pick(kv_seg_PBc, kj), causal)
+        logits = _logits(pick(q_PBcKGH, qi), pick(k_PBcKH, kj), mask, scale)
+        m, l, o = pick(m_PBKGc, qi), pick(l_PBKGc, qi), pick(o_PBKGcH, qi)
+        # The output does not depend on the running max: no gradient through it (nothing of the
+        # max's backward is kept). Masked entries add exp(-1e30 - m) = 0, as the own chunk is
+        # folded first and every query sees itself: m is a real logit from then on.
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, logits.max(-1)))
+        p = jnp.exp(logits - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        v = pick(v_PBcKH, kj)
+        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        def put(full, new):
+            return jax.lax.dynamic_update_index_in_dim(full, new, qi, 0)
+
+        return (put(m_PBKGc, m_new), put(l_PBKGc, l * correction + p.sum(-1)),
+                put(o_PBKGcH, o * correction[..., None] + pv), work + c * c)
+
+    def own(stats, kv):  # this device's K/V: the diagonal
+        for qi, kj in ((0, 0), (1, 1), (1, 0)) if halves else ((0, 0),):  # (0, 1) is all future
+            stats = fold(stats, kv, me, qi, kj)
+        return stats
+
+    def other(stats, kv, src):  # another device's K/V
+        if halves:
+            # our late chunk sees their early chunk; then either both our chunks see their early
+            # chunk (they are before us) or our late chunk also sees their late one (after us)
+            stats = fold(stats, kv, src, 1, 0)
+            x = (src > me).astype(jnp.int32)
+            return fold(stats, kv, src, x, x)
+        if causal:  # contiguous: a chunk from a later device is all future
+            return jax.lax.cond(src < me, lambda s: fold(s, kv, src, 0, 0), lambda s: s, stats)
+        return fold(stats, kv, src, 0, 0)
+
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    kv = (split(k_BTKH), split(v_BTKH), split(seg_BT))
+    stats = (jnp.full((parts, B, K, G, c), MASKED, jnp.float32), jnp.zeros((parts, B, K, G, c), jnp.float32),
+             jnp.zeros((parts, B, K, G, c, H), jnp.float32), jnp.zeros((), jnp.float32))
+    # Every step first passes on the chunk it holds, then computes with it: the two overlap.
+    nxt = jax.lax.ppermute(kv, AXIS, perm)
+    stats = own(stats, kv)
+    if n > 2:
+        def step(carry, t):
+            stats, kv = carry
+            nxt = jax.lax.ppermute(kv, AXIS, perm)
+            return (other(stats, kv, (me - t) % n), nxt), None
+
+        (stats, nxt), _ = jax.lax.scan(step, (stats, nxt), jnp.arange(1, n - 1))
+    _, l, o, work = other(stats, nxt, (me - (n - 1)) % n)  # the last chunk: nothing to pass on
+    out_PBKGcH = o / jnp.maximum(l, 1e-30)[..., None]
+    out_BTNH = out_PBKGcH.transpose(1, 0, 4, 2, 3, 5).reshape(B, T, N, H).astype(q_BTNH.dtype)
+    return out_BTNH, work[None]
 
 
-def _allgather_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n):
-    """Runs on one device inside shard_map: gathers all K/V, attends its query chunk to them."""
+def _allgather_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
+    """Runs on one device inside shard_map: gathers all K/V, attends its query chunk to them.
+    Returns the output and the number of query-key pairs it computed."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     k_BSKH = jax.lax.all_gather(k_BTKH, AXIS, axis=1, tiled=True)
     v_BSKH = jax.lax.all_gather(v_BTKH, AXIS, axis=1, tiled=True)
     seg_BS = jax.lax.all_gather(seg_BT, AXIS, axis=1, tiled=True)
-    me = jax.lax.axis_index(AXIS)
-    q_pos_T = me * T + jnp.arange(T)
-    logits = _block(q_BTNH.reshape(B, T, K, N // K, H), k_BSKH, v_BSKH,
-                    _mask(q_pos_T, jnp.arange(n * T), seg_BT, seg_BS, causal), scale)
+    q_idx_T = _layout_index(jax.lax.axis_index(AXIS), T, n, balance).reshape(T)
+    kv_idx_S = jnp.concatenate([_layout_index(d, T, n, balance).reshape(T) for d in range(n)])
+    logits = _logits(q_BTNH.reshape(B, T, K, N // K, H), k_BSKH,
+                     _mask(q_idx_T, kv_idx_S, seg_BT, seg_BS, causal), scale)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    return out.reshape(B, T, N, H).astype(q_BTNH.dtype), jnp.full((1,), T * n * T, jnp.float32)
 
 
-def context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal: bool = True,
-                               sm_scale: float | None = None):
-    """Attention with the sequence split over the mesh's `sequence` axis (see the module doc),
-    by `rules.sequence_method`. Batch and heads stay split as the rule table says."""
+def _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal, sm_scale):
     n = rules.mesh.shape[AXIS]
+    balance = rules.sequence_load_balance
     scale = q_BTNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     if segment_ids_BT is None:
         segment_ids_BT = jnp.ones(q_BTNH.shape[:2], jnp.int32)
@@ -98,8 +188,87 @@ def context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules,
     q_spec = rules.spec(("batch", "seq", "heads", None), q_BTNH.shape)
     kv_spec = rules.spec(("batch", "seq", "kv_heads", None), k_BTKH.shape)
     seg_spec = rules.spec(("batch", "seq"), segment_ids_BT.shape)
+    T = q_BTNH.shape[1]
     if AXIS not in (q_spec + (None, None))[1:2]:
-        raise ValueError(f"the sequence ({q_BTNH.shape[1]} tokens) does not split over mesh.sequence={n}")
-    fn = jax.shard_map(partial(local, causal=causal, scale=scale, n=n), mesh=rules.mesh,
-                       in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)
+        raise ValueError(f"the sequence ({T} tokens) does not split over mesh.sequence={n}")
+    if balance and T % (2 * n):
+        raise ValueError(f"the load-balanced layout needs the sequence ({T} tokens) to split into "
+                         f"2 x mesh.sequence = {2 * n} equal chunks; use a seq_len divisible by "
+                         f"{2 * n} or set mesh.sequence_load_balance=false")
+    fn = jax.shard_map(partial(local, causal=causal, scale=scale, n=n, balance=balance),
+                       mesh=rules.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                       out_specs=(q_spec, P(AXIS)), check_vma=False)
     return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal: bool = True,
+                               sm_scale: float | None = None):
+    """Attention with the sequence split over the mesh's `sequence` axis (see the module doc),
+    by `rules.sequence_method`, the tokens in `rules.sequence_load_balance`'s layout. Batch and
+    heads stay split as the rule table says."""
+    return _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules, causal=causal,
+                             sm_scale=sm_scale)[0]
+
+
+def attention_work_per_device(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules,
+                              causal: bool = True) -> jax.Array:
+    """[n]: the query-key pairs (per batch row and head) that each device of the `sequence` axis
+    computes in `context_parallel_attention`, counted by the blocks it really runs (a skipped
+    block adds nothing): the causal load balance."""
+    return _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules, causal=causal,
+                             sm_scale=None)[1]
+
+
+# Bytes XLA keeps per query-key pair and head for the backward pass (fp32, no remat; measured
+# with XLA:CPU's memory analysis at 512-2048 tokens): a softmax over whole rows (plain attention,
+# `allgather`) keeps logits, masked logits and probabilities (~3.6 floats); the ring's online
+# softmax ~1.75 floats (~2.25 with the contiguous layout, whose skipped blocks sit under lax.cond).
+PAIR_BYTES = {"softmax": 14.5, "ring": 7.0, "ring_contiguous": 9.0}
+
+
+def attention_pairs_per_row(seq_len: int, sequence: int = 1, method: str = "ring",
+                            load_balance: bool = True) -> float:
+    """Query-key pairs one device computes per batch row and head under a causal mask
+    (`attention_work_per_device` counts the same number in the running code)."""
+    t = seq_len / sequence
+    if sequence == 1 or method == "allgather":
+        return t * seq_len
+    if load_balance:  # 3 of 4 half-blocks of its own chunk, 2 of 4 of each other device's
+        return (2 * sequence + 1) / 4 * t * t
+    return sequence * t * t  # every block, skipped ones under lax.cond included (the slowest device)
+
+
+def activation_bytes_per_device(model, *, batch: int, seq_len: int, sequence: int = 1,
+                                method: str = "ring", load_balance: bool = True,
+                                batch_shards: int = 1, tensor: int = 1) -> float:
+    """Bytes of activations one device keeps for the backward pass of a float32 train step
+    without remat: `batch` rows of `seq_len` tokens split over `batch_shards` (data x fsdp) and
+    `sequence` devices, heads/mlp/vocab over `tensor`. Per token and layer: the residual stream,
+    norms and projections (6 D + 2 N H + 2 K H + 4 F floats); per query-key pair and head the
+    attention's PAIR_BYTES; the ring adds each fold's running output and softmax statistics and
+    each step's K/V chunk, all-gather the whole sequence's K/V; the loss 4 V floats per token.
+    The rest of XLA's temporaries (gradients, optimizer updates) scale with the parameters, not
+    the sequence; `tests/test_context_parallel.py` checks this against memory_analysis()."""
+    if method not in ("ring", "allgather"):
+        raise ValueError(f"method must be 'ring' or 'allgather', got {method!r}")
+    if sequence < 1 or batch_shards < 1 or tensor < 1:
+        raise ValueError(f"sequence, batch_shards and tensor must be >= 1, got {sequence}, "
+                         f"{batch_shards}, {tensor}")
+    m = model
+    N = m.n_heads // tensor if m.n_heads % tensor == 0 else m.n_heads
+    K = m.n_kv_heads // tensor if m.n_kv_heads % tensor == 0 else m.n_kv_heads
+    F = m.d_ff // tensor if m.d_ff % tensor == 0 else m.d_ff
+    V = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
+    D, H, n = m.d_model, m.head_dim, sequence
+    rows = batch / batch_shards
+    tokens = rows * seq_len / n
+    per_token = 6 * D + 2 * N * H + 2 * K * H + 4 * F
+    kind = "softmax"
+    if n > 1 and method == "allgather":
+        per_token += n * 2 * K * H
+    elif n > 1:
+        folds = (2 * n + 1) / 2 if load_balance else n  # token-equivalents of all folds
+        per_token += folds * (2 * N * H + 2 * N) + n * 2 * K * H
+        kind = "ring" if load_balance else "ring_contiguous"
+    pairs = rows * N * attention_pairs_per_row(seq_len, n, method, load_balance)
+    return m.n_layers * (4 * tokens * per_token + PAIR_BYTES[kind] * pairs) + 4 * tokens * 4 * V

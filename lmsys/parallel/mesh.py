@@ -9,32 +9,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmsys.config import MESH_AXES as CONFIG_MESH_AXES
-from lmsys.config import ConfigError, MeshConfig
+from lmsys.config import ConfigError, MeshConfig, PipelineConfig
 
-# Mesh axes, outermost first (the config owns the list). Later strategies (stage, expert) add
-# theirs there.
+# Mesh axes, outermost first (the config owns the list).
 MESH_AXES = CONFIG_MESH_AXES
 
 # Logical axis -> the mesh axes that split it (in order), or () for replicated.
 # `embed` is the model dimension of parameters: FSDP (ZeRO-3) splits parameters along it.
 # Activations leave their model dimension unnamed (None): their batch already uses `fsdp`.
+# `layers` is the stacked layer axis: pipeline stages split it (lmsys.parallel.pipeline).
+# `experts` is the stacked expert axis of MoE weights: expert parallelism splits it over `expert`;
+# the batch splits over `expert` too (as in DeepSpeed-MoE / MaxText), outermost so that the
+# all-to-alls of lmsys.parallel.moe see whole row blocks; the dense parts run data-parallel there.
+# `router` is the expert dimension of the router weights and logits: kept whole on every device.
+# `kv_pages` is the page axis of the serving engine's KV pool: each shard of its mesh axes owns
+# its own pages and serves its own batch slots (data-parallel serving, lmsys.serve.engine).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("expert", "data", "fsdp"),
     "seq": ("sequence",),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
+    "kv_pages": ("data",),
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
-    "layers": (),
+    "layers": ("stage",),
+    "experts": ("expert",),
+    "router": (),
     "norm": (),
 }
 
@@ -82,6 +91,10 @@ class Rules:
     mesh: Mesh
     table: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     sequence_method: str = "ring"  # how attention runs when `sequence` splits the sequence
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # when `stage` splits layers
+    # the tokens along `seq` are in lmsys.parallel.context's load-balanced (zig-zag) order
+    # (the Trainer reorders each batch when mesh.sequence_load_balance is on)
+    sequence_load_balance: bool = False
 
     def spec(self, axes: LogicalAxes, shape: Sequence[int] | None = None) -> P:
         """The PartitionSpec for an array with these logical axes. Mesh axes of size 1 are
@@ -111,6 +124,14 @@ class Rules:
         if self.mesh.size == 1:
             return x
         return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
+
+    def manual(self, axes: Collection[str]) -> Rules:
+        """These rules for code running inside a `jax.shard_map` that is manual over the mesh
+        axes `axes` (call it inside the body): the table no longer names them (each shard holds
+        its local block) and shardings refer to the current, partly manual mesh."""
+        table = {k: tuple(a for a in v if a not in axes) for k, v in self.table.items()}
+        return Rules(jax.sharding.get_abstract_mesh(), table, self.sequence_method, self.pipeline,
+                     self.sequence_load_balance)
 
     def tree_shardings(self, axes_tree, shapes_tree):
         """Shardings for a pytree of arrays (or ShapeDtypeStructs) given a matching tree of axes."""

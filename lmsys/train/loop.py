@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmsys.checkpoint import Checkpointer, make_meta
+from lmsys.checkpoint import Checkpointer, fault_point, is_url, make_meta, path_or_url
 from lmsys.config import Config, save_config
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
@@ -83,7 +83,7 @@ def resolve_init_from(cfg: Config) -> Config:
         tokenizer = str(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else None
     elif kind == "lmsys":
         source_cfg = load_config(src / "config.yaml")
-        model, tokenizer = source_cfg.model, _source_tokenizer(source_cfg, src, Path(cfg.run_dir))
+        model, tokenizer = source_cfg.model, _source_tokenizer(source_cfg, src, path_or_url(cfg.run_dir))
     else:
         raise ConfigError(f"config key 'init_from' = {cfg.init_from!r}: neither a Hugging Face model "
                           f"directory (config.json + *.safetensors) nor an lmsys run directory (config.yaml)")
@@ -131,6 +131,12 @@ def _source_tokenizer(source_cfg: Config, src: Path, run_dir: Path) -> str:
     from lmsys.data import tokenizer_for
     from lmsys.data.cache import atomic_write_text
 
+    if is_url(run_dir):
+        from lmsys.config import ConfigError
+
+        raise ConfigError(f"config key 'data.tokenizer' = 'builtin': init_from {src} trained its own "
+                          f"tokenizer, which lmsys writes into run_dir, and run_dir {str(run_dir)!r} is a "
+                          f"URL; set data.tokenizer=PATH to a local copy of it")
     tokenizer = tokenizer_for(source_cfg.data, source_cfg.model.vocab_size)
     out = run_dir.absolute() / "tokenizer.json"
     atomic_write_text(str(out), tokenizer.to_str())
@@ -199,10 +205,13 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     stop_at: stop (with a checkpoint) after this step instead, to train in pieces; the
       learning-rate schedule still spans `cfg.steps`, so pieces add up to one whole run.
     Returns the metrics logged by this call (one dict per logged step)."""
-    initialize_distributed(cfg.distributed)
+    joined_by = initialize_distributed(cfg.distributed)
     cfg = resolve_init_from(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = path_or_url(cfg.run_dir)
     lead = jax.process_index() == 0
+    if lead and jax.process_count() > 1:
+        print(f"{jax.process_count()} processes joined ({joined_by}): {jax.device_count()} devices, "
+              f"{jax.local_device_count()} per process", flush=True)
     mesh = build_mesh(cfg.mesh, devices)
     rules = Rules(mesh, sequence_method=cfg.mesh.sequence_method)
     trainer = Trainer(cfg, rules)
@@ -247,6 +256,7 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
                 state, metrics = step_fn(state, global_batch(local, trainer.batch_sharding, cfg.batch_size))
                 data_index += cfg.batch_size
                 step += 1
+                fault_point("after_step", step)
                 steps_since += 1
                 stopping = signals.received is not None
                 if jax.process_count() > 1:  # all processes stop after the same step, together

@@ -42,22 +42,37 @@ def mfu(tokens_per_second: float, flops_per_token: float, n_devices: int,
 
 class MetricsWriter:
     """Appends one JSON object per logged step to `<run_dir>/metrics.jsonl` and writes the
-    same scalars as TensorBoard events under `<run_dir>/tensorboard`."""
+    same scalars as TensorBoard events under `<run_dir>/tensorboard`. `run_dir` may be a URL
+    (gs://, s3://): object stores cannot append, so there metrics.jsonl is rewritten whole at
+    each write (through etils.epath), and tensorboardX writes the events itself."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir):
         from tensorboardX import SummaryWriter
 
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        from lmsys.checkpoint import is_url, path_or_url
+
+        root = path_or_url(run_dir)
+        self.path = root / "metrics.jsonl"
+        if is_url(run_dir):
+            self.file = None
+            self.text = self.path.read_text() if self.path.exists() else ""
+        else:
+            self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        line = json.dumps(metrics) + "\n"
+        if self.file is None:
+            self.text += line
+            self.path.write_text(self.text)
+        else:
+            self.file.write(line)
+            self.file.flush()
         for k, v in metrics.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, metrics["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         self.tb.close()

@@ -9,18 +9,31 @@ No I/O here; the loop in lmsys.train.loop owns data, logging and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lmsys.config import Config, ConfigError, OptimizerConfig
+from lmsys.config import (
+    Config,
+    ConfigError,
+    OptimizerConfig,
+    check_experts,
+    check_moe,
+    check_pipeline,
+    check_sequence,
+)
 from lmsys.models import llama
 from lmsys.parallel import Rules
+from lmsys.parallel.analysis import zero1_table
+from lmsys.parallel.context import to_load_balanced
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# MoE router losses in the model's aux -> the model.* key weighting them in the training objective
+ROUTER_LOSSES = {"moe_aux_loss": "router_aux_loss", "moe_z_loss": "router_z_loss"}
 
 
 def lr_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -54,14 +67,29 @@ class Trainer:
     """The jitted train step and state init for one config on one mesh."""
 
     def __init__(self, cfg: Config, rules: Rules):
+        stages = rules.mesh.shape.get("stage", 1)
+        if stages > 1:  # the pipeline's settings come from the config
+            check_pipeline(cfg, stages)
+            rules = dataclasses.replace(rules, pipeline=cfg.pipeline)
+        ring = rules.mesh.shape.get("sequence", 1)
+        if ring > 1:  # context parallelism: each batch is put in the load-balanced order once
+            check_sequence(cfg, ring)
+            rules = dataclasses.replace(rules, sequence_load_balance=cfg.mesh.sequence_load_balance)
+        experts = rules.mesh.shape.get("expert", 1)
+        if cfg.model.n_experts or experts > 1:  # a filled (-1) expert or stage axis is known now
+            check_experts(cfg, experts)
+            check_moe(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=stages)))
         self.cfg, self.rules = cfg, rules
         divisor = rules.batch_size_divisor
-        micro = cfg.batch_size // cfg.grad_accum
+        # microbatches of gradient accumulation, each split again into pipeline microbatches
+        splits = cfg.grad_accum * ((cfg.pipeline.microbatches or stages) if stages > 1 else 1)
+        micro = cfg.batch_size // splits
         if micro % divisor:
             raise ConfigError(
-                f"config key 'batch_size' = {cfg.batch_size}: each of the {cfg.grad_accum} "
-                f"microbatches ({micro} sequences) must split over mesh data x fsdp = {divisor} "
-                f"devices; use a batch_size that is a multiple of {divisor * cfg.grad_accum}")
+                f"config key 'batch_size' = {cfg.batch_size}: each of the {splits} "
+                f"microbatches ({micro} sequences) must split over mesh "
+                f"{' x '.join(a for a in rules.table['batch'] if a != 'expert' or experts > 1)} = {divisor} "
+                f"devices; use a batch_size that is a multiple of {divisor * splits}")
         self.dtype = DTYPES[cfg.dtype]
         decay = jax.tree.map(lambda s: s.init == "normal", llama.param_specs(cfg.model),
                              is_leaf=lambda x: isinstance(x, llama.ParamSpec))
@@ -90,8 +118,7 @@ class Trainer:
         abstract = self._abstract_state_unsharded
         moments = self.param_shardings
         if self.cfg.optimizer.zero1:
-            table = {**self.rules.table, "embed": ("fsdp", "data")}
-            moments = Rules(self.rules.mesh, table).tree_shardings(
+            moments = Rules(self.rules.mesh, zero1_table(self.rules.table)).tree_shardings(
                 llama.param_axes(self.cfg.model), llama.param_shapes(self.cfg.model))
         opt = optax.tree_utils.tree_map_params(
             self.optimizer, lambda _, s: s, abstract["opt_state"], moments,
@@ -119,36 +146,53 @@ class Trainer:
                 "opt_state": self.optimizer.init(params), "nonfinite_streak": jnp.zeros((), jnp.int32)}
 
     def _loss_sums(self, params, batch):
-        logits_BTV, _ = llama.forward(
+        if self.rules.sequence_load_balance:  # every token-wise input alike; the loss is a sum
+            batch = {k: to_load_balanced(v, self.rules.mesh.shape["sequence"]) for k, v in batch.items()}
+        logits_BTV, aux = llama.forward(
             params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=self.cfg.model,
             rules=self.rules, dtype=self.dtype, remat=self.cfg.remat)
-        return loss_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+        loss_sum, n = loss_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+        # MoE: each router loss (a mean over this batch's tokens) weighted by its token count:
+        # over grad_accum microbatches, their token-weighted mean (the load-balancing loss is not
+        # additive, so it is that of each microbatch, as in Megatron-LM)
+        router = {k: aux[k] * n for k in ROUTER_LOSSES if k in aux}
+        objective = loss_sum
+        if router:
+            objective = loss_sum + sum(getattr(self.cfg.model, ROUTER_LOSSES[k]) * v for k, v in router.items())
+        return objective, (loss_sum, n, router)
 
     def grads(self, params, batch):
         """Mean loss and its gradient over the batch, accumulated over `grad_accum` microbatches
         (the same numbers as one big batch: sums are divided by the total token count once)."""
+        return self.grads_and_metrics(params, batch)[:3]
+
+    def grads_and_metrics(self, params, batch):
+        """`grads` and a dict of extra metrics: for an MoE model the router losses (the gradient
+        is that of loss + router_aux_loss x moe_aux_loss + router_z_loss x moe_z_loss; the
+        returned loss is the cross-entropy alone)."""
         sums_and_grad = jax.value_and_grad(self._loss_sums, has_aux=True)
         M = self.cfg.grad_accum
         if M == 1:
-            (loss_sum, n), g = sums_and_grad(params, batch)
+            (_, (loss_sum, n, router)), g = sums_and_grad(params, batch)
         else:
             def micro(carry, mb):
-                (loss_sum, n), g = sums_and_grad(params, mb)
-                g_acc, loss_acc, n_acc = carry
-                return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, n_acc + n), None
+                (_, sums), g = sums_and_grad(params, mb)
+                g_acc, sums_acc = carry
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, sums_acc, sums)), None
 
             mbs = {k: self.rules.constrain(v.reshape(M, v.shape[0] // M, *v.shape[1:]),
                                            (None, "batch", "seq"))
                    for k, v in batch.items()}
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (g, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), mbs)
+            router0 = {k: jnp.zeros((), jnp.float32) for k in ROUTER_LOSSES} if self.cfg.model.n_experts else {}
+            (g, (loss_sum, n, router)), _ = jax.lax.scan(micro, (zeros, (0.0, 0.0, router0)), mbs)
         n = jnp.maximum(n, 1.0)
-        return loss_sum / n, jax.tree.map(lambda x: x / n, g), n
+        return loss_sum / n, jax.tree.map(lambda x: x / n, g), n, {k: v / n for k, v in router.items()}
 
     def _step(self, state, batch):
         """One update. A step whose loss or gradients are not finite changes no parameter or
         optimizer state; it is counted in `nonfinite_streak` (reset by the next good step)."""
-        loss, grads, n_tokens = self.grads(state["params"], batch)
+        loss, grads, n_tokens, extra = self.grads_and_metrics(state["params"], batch)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -156,6 +200,6 @@ class Trainer:
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]),
-                   "loss_tokens": n_tokens, "nonfinite_streak": streak}
+                   "loss_tokens": n_tokens, "nonfinite_streak": streak, **extra}
         return {"step": state["step"] + 1, "params": keep(params, state["params"]),
                 "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak}, metrics

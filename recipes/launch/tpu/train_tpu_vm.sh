@@ -9,8 +9,8 @@
 #   recipes/launch/tpu/train_tpu_vm.sh delete    # delete the slice (the run stays in storage)
 #
 # GCP names v5p slices by TensorCores: v5p-32 = 16 chips = 4 hosts x 4 chips; JAX sees 16
-# devices (one per chip), 4 per process. Every host runs the same command; the TPU runtime
-# finds the other hosts through the TPU VM metadata: no distributed.* keys.
+# devices (one per chip), 4 per process. Every host runs the same command; lmsys sees a Cloud
+# TPU VM and JAX finds the other hosts through the TPU VM metadata: no distributed.* keys.
 # Values marked EDIT are yours to fill in.
 set -euo pipefail
 
@@ -24,9 +24,9 @@ MOUNT=/mnt/runs                      # where it is mounted on every host
 
 CONFIG=recipes/configs/tiny.yaml     # EDIT: your config (path inside the copied checkout)
 RUN_DIR=/mnt/runs/lmsys-run          # on the shared mount: every host writes its checkpoint shards here
-# A gs://bucket/... run_dir would be the natural choice (Orbax writes gs:// paths through
-# tensorstore), but lmsys currently handles run_dir as a local path (pathlib turns gs://b into
-# gs:/b), so the run lives on a shared POSIX mount instead.
+# A gs://bucket/... run_dir works too (Orbax writes it through tensorstore; install gcsfs and
+# google-cloud-storage in the venv); this recipe keeps a shared POSIX mount, which also holds
+# the compilation cache.
 
 # every gcloud call below targets this slice; --worker=all runs a command on all hosts at once
 TPU=(gcloud compute tpus tpu-vm --project "$PROJECT" --zone "$ZONE")
