@@ -72,6 +72,17 @@ class MeshConfig:
     # i holding chunks i and 2 x sequence - 1 - i, so every device has equal causal attention work
     # (seq_len must be divisible by 2 x sequence); false: one contiguous chunk per device
     sequence_load_balance: bool = True
+    # Hybrid meshes (multi-slice TPU, multi-node GPU): the devices come in granules (TPU slices,
+    # or hosts/processes) joined by the slow data-center network (DCN); `dcn_<axis>` granules
+    # along an axis make it mesh.<axis> x mesh.dcn_<axis> devices long, mesh.<axis> of them
+    # inside each granule (fast ICI / NVLink). The product of the dcn_* keys is the number of
+    # granules. No dcn_tensor: tensor parallelism all-reduces activations in every layer, so it
+    # stays inside a granule. lmsys.parallel.mesh.build_mesh says how granules are found.
+    dcn_stage: int = 1
+    dcn_expert: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
 
 
 @dataclass
@@ -161,6 +172,7 @@ class Config:
 
 
 MESH_AXES = ("stage", "expert", "data", "fsdp", "sequence", "tensor")  # outermost first
+DCN_AXES = ("stage", "expert", "data", "fsdp", "sequence")  # the axes that may span granules
 SEQUENCE_METHODS = ("ring", "allgather")
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -192,6 +204,12 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> ConfigError:
+    if key == "mesh.dcn_tensor":
+        return ConfigError(
+            "config key 'mesh.dcn_tensor' does not exist: tensor parallelism all-reduces activations "
+            "in every layer, too often for the data-center network between slices / nodes; keep "
+            "mesh.tensor inside a granule and span granules with mesh.dcn_data, dcn_fsdp, dcn_stage, "
+            "dcn_expert or dcn_sequence")
     near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else "; see lmsys/config.py for the keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
@@ -318,6 +336,12 @@ def save_config(cfg: Config, path) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def axis_size(mesh: MeshConfig, axis: str) -> int:
+    """Devices along a mesh axis over all granules (mesh.<axis> x mesh.dcn_<axis>); -1 = fill."""
+    v = getattr(mesh, axis)
+    return v if v == -1 else v * getattr(mesh, f"dcn_{axis}", 1)
+
+
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
@@ -342,13 +366,16 @@ def validate(cfg: Config) -> None:
     for axis in MESH_AXES:
         v = getattr(cfg.mesh, axis)
         _check(v == -1 or v >= 1, f"mesh.{axis}", v, "must be a positive device count or -1 (fill)")
+    for axis in DCN_AXES:
+        v = getattr(cfg.mesh, f"dcn_{axis}")
+        _check(v >= 1, f"mesh.dcn_{axis}", v, "must be a positive number of slices / nodes (1 = none)")
     fills = [a for a in MESH_AXES if getattr(cfg.mesh, a) == -1]
     _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
            f"only one mesh axis may be -1, got {', '.join(fills)}")
     _check(cfg.mesh.sequence_method in SEQUENCE_METHODS, "mesh.sequence_method", cfg.mesh.sequence_method,
            f"must be one of {', '.join(SEQUENCE_METHODS)}")
-    if cfg.mesh.sequence > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
-        check_sequence(cfg, cfg.mesh.sequence)
+    if axis_size(cfg.mesh, "sequence") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
+        check_sequence(cfg, axis_size(cfg.mesh, "sequence"))
     t = cfg.mesh.tensor
     if t > 1:
         _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
@@ -405,13 +432,13 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
            "must name an MLflow experiment, e.g. lmsys")
-    if cfg.mesh.stage > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
-        check_pipeline(cfg, cfg.mesh.stage)
+    if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
+        check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
 
 
 def check_moe(cfg: Config) -> None:
     """The mixture-of-experts keys, and a `mesh.expert` that splits the experts evenly."""
-    m, e = cfg.model, cfg.mesh.expert
+    m, e = cfg.model, axis_size(cfg.mesh, "expert")
     _check(m.n_experts >= 0, "model.n_experts", m.n_experts, "must be >= 0 (0 = a dense MLP)")
     if not m.n_experts:
         if e > 1:
@@ -424,7 +451,7 @@ def check_moe(cfg: Config) -> None:
     t = cfg.mesh.tensor
     _check(t <= 1 or (m.moe_d_ff or m.d_ff) % t == 0, "model.moe_d_ff", m.moe_d_ff or m.d_ff,
            f"must be divisible by mesh.tensor ({t})")
-    _check(cfg.mesh.stage <= 1, "mesh.stage", cfg.mesh.stage,
+    _check(axis_size(cfg.mesh, "stage") <= 1, "mesh.stage", axis_size(cfg.mesh, "stage"),
            "pipeline parallelism does not carry the MoE router losses yet; use mesh.stage=1 with model.n_experts > 0")
     if e > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
         check_experts(cfg, e)

@@ -7,12 +7,14 @@ change of `mesh.*` sizes, never of model code.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmsys.config import MESH_AXES as CONFIG_MESH_AXES
@@ -51,21 +53,38 @@ LogicalAxes = tuple[str | None, ...]
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
-    """Sizes of the mesh axes, with a -1 axis filled; errors name the keys and the device count."""
+    """Sizes of the mesh axes over all granules (ICI x DCN, see `hybrid_shape`), with a -1 axis
+    filled; errors name the keys and the device count."""
+    ici, dcn = hybrid_shape(cfg, n_devices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def hybrid_shape(cfg: MeshConfig, n_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(ici, dcn): per axis, the devices inside one granule and the granules it spans. The dcn
+    sizes (the `mesh.dcn_*` keys) multiply to the number of granules, which must divide the
+    devices; the -1 axis, if any, fills one granule's devices."""
+    dcn = {a: getattr(cfg, f"dcn_{a}", 1) for a in MESH_AXES}
+    granules = math.prod(dcn.values())
+    if n_devices % granules:
+        raise ConfigError(
+            f"mesh.dcn_* {_describe(dcn)} span {granules} slices / nodes, which do not divide the "
+            f"{n_devices} devices; make the product of mesh.dcn_* the number of slices / nodes")
+    per = n_devices // granules
+    each = f" in each of the {granules} slices / nodes (mesh.dcn_*)" if granules > 1 else ""
     sizes = {a: getattr(cfg, a) for a in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:
-        if n_devices % fixed:
+        if per % fixed:
             raise ConfigError(
-                f"mesh {_describe(sizes)} cannot fill mesh.{fill[0]}: {n_devices} devices are not "
+                f"mesh {_describe(sizes)} cannot fill mesh.{fill[0]}: {per} devices{each} are not "
                 f"divisible by the other axes' product {fixed}")
-        sizes[fill[0]] = n_devices // fixed
-    if math.prod(sizes.values()) != n_devices:
+        sizes[fill[0]] = per // fixed
+    if math.prod(sizes.values()) != per:
         raise ConfigError(
-            f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices but {n_devices} "
-            f"are available; make the product of mesh.* equal {n_devices} or set one axis to -1")
-    return sizes
+            f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices but {per} are "
+            f"available{each}; make the product of mesh.* equal {per} or set one axis to -1")
+    return sizes, dcn
 
 
 def _describe(sizes: dict[str, int]) -> str:
@@ -74,14 +93,50 @@ def _describe(sizes: dict[str, int]) -> str:
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with Auto axes: the compiler propagates shardings
-    between the constraints the rule table places on parameters, batches and activations."""
+    between the constraints the rule table places on parameters, batches and activations.
+
+    With `mesh.dcn_*` keys above 1 the mesh is hybrid: along each axis the DCN factor is the
+    outer one (coordinate = dcn index x ici size + ici index), each granule holds one block of
+    ici-shaped devices, and the rule table sees the product. Granules are, in this order:
+    TPU slices when the devices carry more than one `slice_index` (multi-slice TPU); processes
+    when they belong to more than one process (multi-node GPU, one process per node or host);
+    otherwise (one process, e.g. emulated CPU devices) consecutive runs of the device list,
+    granule g = devices[g*N/S : (g+1)*N/S] for N devices and S = the product of mesh.dcn_*."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    ici, dcn = hybrid_shape(cfg, len(devices))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if math.prod(dcn.values()) == 1:
+        shape = tuple(ici[a] for a in MESH_AXES)
+        if len(devices) == len(jax.devices()):
+            return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+    return Mesh(hybrid_devices(ici, dcn, devices), MESH_AXES, axis_types=types)
+
+
+def hybrid_devices(ici: dict[str, int], dcn: dict[str, int], devices: Sequence) -> np.ndarray:
+    """The device array of a hybrid mesh (axes in MESH_AXES order, each ici x dcn long); the
+    granule rule is `build_mesh`'s. Slices and processes go to jax's
+    `mesh_utils.create_hybrid_device_mesh` (topology-aware inside a TPU slice)."""
+    ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+    n_granules, per = math.prod(dcn_shape), len(devices) // math.prod(dcn_shape)
+    attr = next((a for a in ("slice_index", "process_index")
+                 if len({getattr(d, a, 0) for d in devices}) > 1), None)
+    if attr is None:
+        blocks = np.empty(dcn_shape, dtype=object)
+        for g, index in enumerate(np.ndindex(*dcn_shape)):
+            blocks[index] = np.asarray(devices[g * per:(g + 1) * per], dtype=object).reshape(ici_shape)
+        return np.block(blocks.tolist())
+    counts = collections.Counter(getattr(d, attr) for d in devices)
+    kind = "slices" if attr == "slice_index" else "processes"
+    if len(counts) != n_granules or set(counts.values()) != {per}:
+        raise ConfigError(
+            f"mesh.dcn_* {_describe(dcn)} needs {n_granules} {kind} of {per} devices each, but the "
+            f"{len(devices)} devices come in {len(counts)} {kind} of "
+            f"{', '.join(str(c) for c in sorted(set(counts.values())))} devices; make the product "
+            f"of mesh.dcn_* the number of {kind}")
+    return mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=attr == "process_index",
+        allow_split_physical_axes=True)
 
 
 @dataclass(frozen=True)
