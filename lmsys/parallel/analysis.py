@@ -73,3 +73,86 @@ def optimizer_state_bytes_per_device(model: ModelConfig, sizes: dict[str, int], 
     table = dict(DEFAULT_RULES if table is None else table)
     moments = param_bytes_per_device(model, sizes, table=zero1_table(table) if zero1 else table)
     return 2 * sum(moments.values())
+
+
+def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
+    """Analytical minimum of the bytes one device sends per train step, by cause (sum the
+    values for the total), for a run config `cfg` (lmsys.config.Config) on a mesh of `sizes`.
+
+    Convention: bandwidth-optimal (ring) collectives over a group of n devices; one device
+    sends 2(n-1)/n x S for an all-reduce of S bytes, (n-1)/n x S for an all-gather whose result
+    is S or a reduce-scatter whose input is S, (n-1)/n x S for an all-to-all of S and S for a
+    point-to-point send. Gradients are float32 like the parameters (4 bytes); activations
+    are in `cfg.dtype`. P_t = parameter bytes per device with only `stage`, `tensor` and
+    `expert` applied (what a device computes with); B_loc = batch rows per device
+    (batch_size / (expert x data x fsdp)); T_loc = seq_len / sequence; L = layers per stage.
+    Terms (each present only when its axes are > 1; combined meshes add them):
+
+    - `grad all-reduce`: data parallelism over the replica axes R = data x sequence (x expert
+      for the dense parameters, whose rows split over `expert` too): 2(R-1)/R x P_t / fsdp.
+      ZeRO-1 (`optimizer.zero1`) moves the same bytes as a reduce-scatter of the gradients plus
+      an all-gather of the updated parameters: (R-1)/R + (R-1)/R.
+    - `fsdp gather+scatter` (ZeRO-3 over fsdp = f): parameters all-gathered for the forward
+      and again for the backward (grad_accum times each), gradients reduce-scattered once:
+      (2 x grad_accum + 1) x (f-1)/f x P_t.
+    - `tensor activations` (Megatron over tensor = t): per layer 2 all-reduces forward (after
+      attention's and the MLP's row-parallel matmuls) and 2 backward (the input gradients of
+      the column-parallel matmuls), plus 1 for the vocab-parallel embedding lookup (forward)
+      and 1 for the vocab-parallel head's input gradient (backward): (4L + 2) x 2(t-1)/t x A,
+      A = B_loc x T_loc x d_model x itemsize.
+    - `sequence K/V` (context parallelism over sequence = s, per layer, K and V chunks of
+      C = B_loc x T_loc x kv_heads_loc x head_dim x itemsize each): ring: K and V passed s-1
+      times in the forward, their gradient accumulators s-1 times in the backward (the K/V
+      chunks received in the forward kept for it): 4(s-1) x C; allgather: K and V all-gathered
+      forward, their gradients reduce-scattered backward: the same 4(s-1) x C.
+    - `pipeline activations` (GPipe/circular over stage = p with m microbatches of
+      A_mb = B_loc/m x T_loc x d_model x itemsize): a device in the middle of the pipeline sends
+      each microbatch's activation on (forward) and its gradient back (backward), once per
+      layer chunk it holds (repeats v): 2 x m x v x A_mb.
+    - `expert all-to-all` (expert parallelism over expert = e, per MoE layer): the dispatch and
+      combine all-to-alls forward and their transposes backward, 4 x (e-1)/e x k x N x d_model x
+      itemsize for the k = experts_per_token copies of the N = B_loc x T_loc local tokens (only
+      routed tokens; a capacity buffer with empty slots sends more).
+    """
+    m = cfg.model
+    _rules(sizes, None)  # validates the axes and sizes
+    g = {a: sizes.get(a, 1) for a in MESH_AXES}
+    item = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    rows = g["expert"] * g["data"] * g["fsdp"]
+    if cfg.batch_size % rows or cfg.seq_len % g["sequence"] or m.n_layers % g["stage"]:
+        raise ValueError(f"batch_size {cfg.batch_size}, seq_len {cfg.seq_len} and n_layers {m.n_layers} "
+                         f"must split over the mesh {g}")
+    b_loc, t_loc, layers = cfg.batch_size // rows, cfg.seq_len // g["sequence"], m.n_layers // g["stage"]
+    compute = {a: g[a] for a in ("stage", "tensor", "expert")}
+    p_t = sum(param_bytes_per_device(m, compute).values())
+    p_experts = expert_param_bytes_per_device(m, compute)
+    out: dict[str, float] = {}
+
+    def ring(n: int) -> float:
+        return (n - 1) / n
+
+    r = g["data"] * g["sequence"]
+    re_ = r * g["expert"]
+    grad = 2 * (ring(re_) * (p_t - p_experts) + ring(r) * p_experts) / g["fsdp"]
+    if grad:
+        out["grad all-reduce"] = grad
+    f = g["fsdp"]
+    if f > 1:
+        out["fsdp gather+scatter"] = (2 * cfg.grad_accum + 1) * ring(f) * p_t
+    t = g["tensor"]
+    if t > 1:
+        a = b_loc * t_loc * m.d_model * item
+        out["tensor activations"] = (4 * layers + 2) * 2 * ring(t) * a
+    s = g["sequence"]
+    if s > 1:
+        kv = m.n_kv_heads // t if m.n_kv_heads % t == 0 else m.n_kv_heads
+        c = b_loc * t_loc * kv * m.head_dim * item
+        out["sequence K/V"] = layers * 4 * (s - 1) * c  # ring and allgather alike
+    p = g["stage"]
+    if p > 1:
+        micro = cfg.pipeline.microbatches or p
+        out["pipeline activations"] = 2 * micro * cfg.pipeline.repeats * (b_loc // micro) * t_loc * m.d_model * item
+    e = g["expert"]
+    if e > 1 and m.n_experts:
+        out["expert all-to-all"] = layers * 4 * ring(e) * m.experts_per_token * b_loc * t_loc * m.d_model * item
+    return out
