@@ -1,4 +1,5 @@
-"""Analytical per-device memory of the training state for any mesh, without devices.
+"""Analytical per-device memory of the training state (and a long sequence's activations) and
+the minimum collective bytes of each parallelism strategy, for any mesh, without devices.
 
 The shared formulas: tests check them against XLA's memory analysis of the compiled train step,
 and the planner reuses them. A mesh is a dict of axis sizes (`mesh_shape` resolves a config's
@@ -156,3 +157,61 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
     if e > 1 and m.n_experts:
         out["expert all-to-all"] = layers * 4 * ring(e) * m.experts_per_token * b_loc * t_loc * m.d_model * item
     return out
+
+
+# ----------------------------------------------------------------------------- activations (context parallelism)
+
+
+# Bytes XLA keeps per query-key pair and head for the backward pass (fp32, no remat; measured
+# with XLA:CPU's memory analysis at 512-2048 tokens): a softmax over whole rows (plain attention,
+# `allgather`) keeps logits, masked logits and probabilities (~3.6 floats); the ring's online
+# softmax ~1.75 floats (~2.25 with the contiguous layout, whose skipped blocks sit under lax.cond).
+PAIR_BYTES = {"softmax": 14.5, "ring": 7.0, "ring_contiguous": 9.0}
+
+
+def attention_pairs_per_row(seq_len: int, sequence: int = 1, method: str = "ring",
+                            load_balance: bool = True) -> float:
+    """Query-key pairs one device computes per batch row and head under a causal mask
+    (`attention_work_per_device` counts the same number in the running code)."""
+    t = seq_len / sequence
+    if sequence == 1 or method == "allgather":
+        return t * seq_len
+    if load_balance:  # 3 of 4 half-blocks of its own chunk, 2 of 4 of each other device's
+        return (2 * sequence + 1) / 4 * t * t
+    return sequence * t * t  # every block, skipped ones under lax.cond included (the slowest device)
+
+
+def activation_bytes_per_device(model, *, batch: int, seq_len: int, sequence: int = 1,
+                                method: str = "ring", load_balance: bool = True,
+                                batch_shards: int = 1, tensor: int = 1) -> float:
+    """Bytes of activations one device keeps for the backward pass of a float32 train step
+    without remat: `batch` rows of `seq_len` tokens split over `batch_shards` (data x fsdp) and
+    `sequence` devices, heads/mlp/vocab over `tensor`. Per token and layer: the residual stream,
+    norms and projections (6 D + 2 N H + 2 K H + 4 F floats); per query-key pair and head the
+    attention's PAIR_BYTES; the ring adds each fold's running output and softmax statistics and
+    each step's K/V chunk, all-gather the whole sequence's K/V; the loss 4 V floats per token.
+    The rest of XLA's temporaries (gradients, optimizer updates) scale with the parameters, not
+    the sequence; `tests/test_context_parallel.py` checks this against memory_analysis()."""
+    if method not in ("ring", "allgather"):
+        raise ValueError(f"method must be 'ring' or 'allgather', got {method!r}")
+    if sequence < 1 or batch_shards < 1 or tensor < 1:
+        raise ValueError(f"sequence, batch_shards and tensor must be >= 1, got {sequence}, "
+                         f"{batch_shards}, {tensor}")
+    m = model
+    N = m.n_heads // tensor if m.n_heads % tensor == 0 else m.n_heads
+    K = m.n_kv_heads // tensor if m.n_kv_heads % tensor == 0 else m.n_kv_heads
+    F = m.d_ff // tensor if m.d_ff % tensor == 0 else m.d_ff
+    V = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
+    D, H, n = m.d_model, m.head_dim, sequence
+    rows = batch / batch_shards
+    tokens = rows * seq_len / n
+    per_token = 6 * D + 2 * N * H + 2 * K * H + 4 * F
+    kind = "softmax"
+    if n > 1 and method == "allgather":
+        per_token += n * 2 * K * H
+    elif n > 1:
+        folds = (2 * n + 1) / 2 if load_balance else n  # token-equivalents of all folds
+        per_token += folds * (2 * N * H + 2 * N) + n * 2 * K * H
+        kind = "ring" if load_balance else "ring_contiguous"
+    pairs = rows * N * attention_pairs_per_row(seq_len, n, method, load_balance)
+    return m.n_layers * (4 * tokens * per_token + PAIR_BYTES[kind] * pairs) + 4 * tokens * 4 * V
