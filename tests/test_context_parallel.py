@@ -24,9 +24,9 @@ from lmsys.train import Trainer
 
 
 def _loss_and_grads(mesh: dict, method: str = "ring"):
-    cfg = tiny_config(mesh)
+    cfg = tiny_config({**mesh, "sequence_method": method})
     devices = jax.devices()[:math.prod(mesh.get(a, 1) for a in ("data", "fsdp", "sequence", "tensor"))]
-    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh, devices), sequence_method=method))
+    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh, devices)))
     params = trainer.init(cfg.seed)["params"]
     batch = synthetic_batch(cfg, sharding=trainer.batch_sharding)
     grads_fn = jax.jit(trainer.grads)

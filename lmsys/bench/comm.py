@@ -200,7 +200,7 @@ def collective_bytes(hlo_text: str, n_devices: int) -> CollectiveBytes:
     return out
 
 
-# name -> config tree (over --preset, --batch-size, --seq-len, --dtype); sequence_method goes into Rules
+# name -> config tree (over --preset, --batch-size, --seq-len, --dtype)
 STRATEGIES = {
     "data8": {"mesh": {"data": 8, "fsdp": 1}},
     "fsdp8": {"mesh": {"fsdp": 8}},
@@ -259,7 +259,7 @@ def measure(cfg, devices=None) -> tuple[CollectiveBytes, dict[str, int]]:
     # not build_mesh: these may be TPU topology devices, not jax.devices()
     mesh = Mesh(np.asarray(devices[:n]).reshape(tuple(sizes[a] for a in MESH_AXES)), MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    trainer = Trainer(cfg, Rules(mesh, sequence_method=cfg.mesh.sequence_method))
+    trainer = Trainer(cfg, Rules(mesh))
     compiled = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
     return collective_bytes(compiled.as_text(), n), sizes
 

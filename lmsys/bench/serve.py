@@ -51,10 +51,9 @@ def make_engine(params, model, tokenizer, args) -> Engine:
     return engine
 
 
-def run_engine(params, model, tokenizer, prompts, max_tokens, args, interval=0.0, engine=None):
+def run_engine(engine: Engine, prompts, max_tokens, interval=0.0):
     """Request i arrives `i * interval` seconds after the start (0: all at once) and is queued
     then; the engine steps while it has work. TTFT and latency count from each arrival."""
-    engine = engine or make_engine(params, model, tokenizer, args)
     engine.stats["max_decode_batch"] = 0
     opts = GenerationOptions(max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -105,22 +104,17 @@ def run_naive(params, model, prompts, max_tokens, args):
     warm_tok, warm_cache = prefill(params, jnp.asarray([prompts[0]], jnp.int32))
     jax.block_until_ready(decode(params, warm_cache, warm_tok, jnp.int32(len(prompts[0]))))
     start = time.perf_counter()
-    ttft, itl, outputs = [], [], []
+    outputs, stamps = [], []
     for p in prompts:
         token, cache = prefill(params, jnp.asarray([p], jnp.int32))
-        out = [int(token)]
-        last = time.perf_counter()
-        ttft.append(last - start)
+        out, times = [int(token)], [time.perf_counter()]
         for i in range(max_tokens - 1):
             token, cache = decode(params, cache, token, jnp.int32(len(p) + i))
             out.append(int(token))
-            now = time.perf_counter()
-            itl.append(now - last)
-            last = now
+            times.append(time.perf_counter())
         outputs.append(out)
-    elapsed = time.perf_counter() - start
-    return {"tokens": sum(map(len, outputs)), "seconds": elapsed, "ttft": ttft, "itl": itl,
-            "max_batch": 1, "outputs": outputs}
+        stamps.append(times)
+    return _result(outputs, stamps, [start] * len(prompts), time.perf_counter() - start, 1)
 
 
 def load_hf_model(params, model, directory, threads=0):
@@ -249,7 +243,7 @@ def main(argv=None) -> dict:
 
     naive = run_naive(params, model, prompts, args.max_tokens, args)
     engine_obj = make_engine(params, model, tokenizer, args)
-    engine = run_engine(params, model, tokenizer, prompts, args.max_tokens, args, engine=engine_obj)
+    engine = run_engine(engine_obj, prompts, args.max_tokens)
     calls, chunks = engine_obj.stats["prefill_calls"], engine_obj.stats["prefill_chunks"]
     same = _same(engine, naive)
     ratio = (engine["tokens"] / engine["seconds"]) / (naive["tokens"] / naive["seconds"])
@@ -269,7 +263,7 @@ def main(argv=None) -> dict:
     print(f"engine/naive throughput ratio: {ratio:.2f} (goal >= 4 at 16 concurrent requests)")
     result = {"ratio": ratio, "same": same, "engine": engine, "naive": naive}
     if args.hf:
-        result.update(_compare_hf(params, model, tokenizer, prompts, args, engine_obj, engine))
+        result.update(_compare_hf(params, model, prompts, args, engine_obj, engine))
     return result
 
 
@@ -278,7 +272,7 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tokens"] / r["seconds"])[len(runs) // 2]
 
 
-def _compare_hf(params, model, tokenizer, prompts, args, engine_obj, engine_static) -> dict:
+def _compare_hf(params, model, prompts, args, engine_obj, engine_static) -> dict:
     import torch
     import transformers
 
@@ -288,13 +282,12 @@ def _compare_hf(params, model, tokenizer, prompts, args, engine_obj, engine_stat
     runs = {k: [] for k in ("engine_static", "hf_static", "engine_stag", "hf_stag")}
     for i in range(args.repeats):
         if i:  # the first engine static run is the one compared with the naive loop above
-            engine_static = run_engine(params, model, tokenizer, prompts, args.max_tokens, args,
-                                       engine=engine_obj)
+            engine_static = run_engine(engine_obj, prompts, args.max_tokens)
         runs["engine_static"].append(engine_static)
         runs["hf_static"].append(run_hf(hf, prompts, args.max_tokens, warm=i == 0))
     for i in range(args.repeats):
-        runs["engine_stag"].append(run_engine(params, model, tokenizer, prompts, args.max_tokens,
-                                              args, interval=args.interval, engine=engine_obj))
+        runs["engine_stag"].append(run_engine(engine_obj, prompts, args.max_tokens,
+                                              interval=args.interval))
         runs["hf_stag"].append(run_hf(hf, prompts, args.max_tokens, interval=args.interval,
                                       batched=False, warm=i == 0))
     engine_static, hf_static, engine_stag, hf_stag = map(_median_run, runs.values())

@@ -52,13 +52,17 @@ def to_load_balanced(x_BT: jax.Array, n: int) -> jax.Array:
     contiguous pieces gives device i those two. Slices and a reversal, no gather; works on whole
     rows, before the sequence is split. Trailing axes are kept."""
     B, T = x_BT.shape[:2]
+    _check_balanced_split(T, n)
+    x = x_BT.reshape(B, 2, n, T // (2 * n), *x_BT.shape[2:])
+    # first halves: chunks 0..n-1; second halves reversed: chunks 2n-1..n
+    return jnp.stack([x[:, 0], jnp.flip(x[:, 1], axis=1)], axis=2).reshape(x_BT.shape)
+
+
+def _check_balanced_split(T: int, n: int) -> None:
     if T % (2 * n):
         raise ValueError(f"a sequence of {T} tokens does not split into 2 x mesh.sequence = {2 * n} "
                          "equal chunks for the load-balanced ring; use a seq_len divisible by "
                          f"{2 * n} or set mesh.sequence_load_balance=false")
-    x = x_BT.reshape(B, 2, n, T // (2 * n), *x_BT.shape[2:])
-    # first halves: chunks 0..n-1; second halves reversed: chunks 2n-1..n
-    return jnp.stack([x[:, 0], jnp.flip(x[:, 1], axis=1)], axis=2).reshape(x_BT.shape)
 
 
 def _layout_index(dev, T: int, n: int, balance: bool) -> jax.Array:
@@ -191,10 +195,8 @@ def _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal, 
     T = q_BTNH.shape[1]
     if AXIS not in (q_spec + (None, None))[1:2]:
         raise ValueError(f"the sequence ({T} tokens) does not split over mesh.sequence={n}")
-    if balance and T % (2 * n):
-        raise ValueError(f"the load-balanced layout needs the sequence ({T} tokens) to split into "
-                         f"2 x mesh.sequence = {2 * n} equal chunks; use a seq_len divisible by "
-                         f"{2 * n} or set mesh.sequence_load_balance=false")
+    if balance:
+        _check_balanced_split(T, n)
     fn = jax.shard_map(partial(local, causal=causal, scale=scale, n=n, balance=balance),
                        mesh=rules.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
                        out_specs=(q_spec, P(AXIS)), check_vma=False)

@@ -251,7 +251,7 @@ class Engine:
         if rules is not None:
             shardings = rules.tree_shardings(llama.param_axes(model), llama.param_shapes(model))
             params = jax.device_put(params, shardings)
-            self._kv_sharding = rules.sharding(self._pool_axes, self._pool_shape)
+            self._kv_sharding = rules.sharding(POOL_AXES, self._pool_shape)
         if c.quantize != "none":
             from lmsys.serve.quantize import quantize_params
 
@@ -278,8 +278,6 @@ class Engine:
 
     # ------------------------------------------------------------------ memory
 
-    _pool_axes = POOL_AXES  # the layer axis is not split
-
     @property
     def _pool_shape(self) -> tuple[int, ...]:
         m = self.model
@@ -292,7 +290,7 @@ class Engine:
         c, m, D = self.cfg, self.model, self.num_shards
         shape = (m.n_layers, D, c.page_size, m.n_kv_heads, m.head_dim)  # one page per shard
         if self.rules is not None:  # -> one device's block: one page, its KV heads
-            shape = self.rules.sharding(self._pool_axes, shape).shard_shape(shape)
+            shape = self.rules.sharding(POOL_AXES, shape).shard_shape(shape)
         page_bytes = 2 * math.prod(shape) * self.dtype.itemsize  # keys and values
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:

@@ -213,7 +213,7 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
         print(f"{jax.process_count()} processes joined ({joined_by}): {jax.device_count()} devices, "
               f"{jax.local_device_count()} per process", flush=True)
     mesh = build_mesh(cfg.mesh, devices)
-    rules = Rules(mesh, sequence_method=cfg.mesh.sequence_method)
+    rules = Rules(mesh)
     trainer = Trainer(cfg, rules)
     dataset = dataset if dataset is not None else load_data(cfg)
 

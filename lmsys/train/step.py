@@ -72,9 +72,10 @@ class Trainer:
             check_pipeline(cfg, stages)
             rules = dataclasses.replace(rules, pipeline=cfg.pipeline)
         ring = rules.mesh.shape.get("sequence", 1)
-        if ring > 1:  # context parallelism: each batch is put in the load-balanced order once
+        if ring > 1:  # context parallelism (each batch is put in the load-balanced order once)
             check_sequence(cfg, ring)
-            rules = dataclasses.replace(rules, sequence_load_balance=cfg.mesh.sequence_load_balance)
+            rules = dataclasses.replace(rules, sequence_method=cfg.mesh.sequence_method,
+                                        sequence_load_balance=cfg.mesh.sequence_load_balance)
         experts = rules.mesh.shape.get("expert", 1)
         if cfg.model.n_experts or experts > 1:  # a filled (-1) expert or stage axis is known now
             check_experts(cfg, experts)
