@@ -36,12 +36,14 @@ def _train(args) -> int:
 
 def _engine(args, max_slots: int, batch_invariant: bool = False):
     """A run directory's model in an engine configured by the shared serving flags."""
+    from lmsys.config import ConfigError
     from lmsys.serve.engine import Engine, EngineConfig
     from lmsys.serve.load import load_model
 
     rules = _serving_rules(args.data_parallel, args.tensor_parallel)
-    dp = args.data_parallel
-    max_slots = -(-max_slots // dp) * dp  # slots split evenly over the data-parallel groups
+    if max_slots % args.data_parallel:
+        raise ConfigError(f"--max-slots {max_slots} must be a multiple of --data-parallel "
+                          f"{args.data_parallel} (each group serves max-slots / data-parallel slots)")
     model = load_model(args.model)
     config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
@@ -76,7 +78,8 @@ def _serving_rules(data: int, tensor: int):
 def _generate(args) -> int:
     from lmsys.serve.engine import GenerationOptions
 
-    _, engine = _engine(args, max_slots=len(args.prompt))
+    dp = args.data_parallel  # one slot per prompt, rounded up to whole data-parallel groups
+    _, engine = _engine(args, max_slots=-(-len(args.prompt) // dp) * dp)
     options = GenerationOptions(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 stop=tuple(args.stop))

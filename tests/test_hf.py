@@ -316,6 +316,8 @@ def test_convert_and_generate(tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "x", "--data-parallel", "4",
                  "--tensor-parallel", "4"]) == 2
     assert "needs 16 devices; this machine has 8" in capsys.readouterr().err
+    assert main(["serve", str(out), "--max-slots", "3", "--data-parallel", "2"]) == 2
+    assert "--max-slots 3 must be a multiple of --data-parallel 2" in capsys.readouterr().err
 
     from lmsys.serve.load import load_model
     from lmsys.serve.server import load_chat_template
