@@ -146,6 +146,38 @@ def _engine_flags(p) -> None:
                         "`data`); devices used: data x tensor")
 
 
+def _plan(args) -> int:
+    import json
+
+    from lmsys import plan as planner
+    from lmsys.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    if args.topology and args.search:
+        raise planner.PlanError("use --search without --topology, then check its best plan with --topology")
+    if args.topology:
+        if args.devices is not None:
+            raise planner.PlanError("--devices comes from --topology (its chips); leave it out")
+        hw = args.hardware or args.topology.split(":")[0]
+        if hw not in planner.HARDWARE:
+            raise planner.PlanError(f"no datasheet figures for {hw!r} (from --topology); pass --hardware")
+        plans = [planner.plan_topology(cfg, args.topology, hw)]
+    else:
+        devices = args.devices or 1
+        hw = args.hardware or "h100"
+        plans = planner.search(cfg, devices, hw) if args.search else [planner.analyze(cfg, devices, hw)]
+    if args.json:
+        print(json.dumps([{"config": to_dict(p.cfg), "mesh": p.sizes, "hardware": p.hardware.name,
+                           "memory": p.memory, "total_memory": p.total_memory, "fits": p.fits,
+                           "collectives": p.collectives, "flops": p.flops, "step_time": p.step_time,
+                           "mfu": p.mfu, "compiled": p.compiled} for p in plans[:args.top]], indent=1))
+    elif args.search:
+        print(planner.render_search(plans, args.top))
+    else:
+        print(planner.render(plans[0]))
+    return 0 if args.search and plans or not args.search and plans[0].fits else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmsys", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +223,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="to-hf: split model.safetensors into files of at most this size")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("plan", help="per-device memory, collectives and step time of a training "
+                                    "config before running it; --search ranks meshes that fit")
+    p.add_argument("config", help="a YAML config file, e.g. recipes/configs/llama3-8b.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=8 remat=full")
+    p.add_argument("--devices", type=int, default=None, help="devices to plan for (default: the topology's chips)")
+    p.add_argument("--hardware", default=None, choices=["h100", "h200", "a100", "v5e", "v5p", "v6e"],
+                   help="accelerator (default: the topology's, else h100)")
+    p.add_argument("--topology", default=None,
+                   help="a TPU topology, e.g. v5p:4x4x4 (chips): also compile the train step for it "
+                        "ahead of time on this machine (needs the `tpu` extra) and print both")
+    p.add_argument("--search", action="store_true", help="rank data x fsdp x tensor meshes and remat "
+                                                          "policies that fit, best first")
+    p.add_argument("--top", type=int, default=5, help="--search: plans to print")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+
     from lmsys.interop.registry import add_parser as add_registry_parser
 
     add_registry_parser(sub)
@@ -198,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
+    from lmsys.plan import PlanError
     from lmsys.serve.engine import RequestError
     from lmsys.train.loop import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, RequestError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, RequestError, PlanError) as e:
         print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -43,7 +43,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on each query/key head before RoPE (Qwen3)
     init_std: float = 0.02
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     # Mixture of experts (the MLP of every layer becomes a routed MoE; 0 experts = dense SwiGLU)
     n_experts: int = 0
     experts_per_token: int = 2  # top-k routing; the k weights are a softmax over the k chosen logits
@@ -163,6 +163,10 @@ class Config:
     run_dir: str = "runs/default"
     remat: str = "none"  # none | full | selective
     dtype: str = "float32"  # compute dtype; params and optimizer state stay float32
+    # Positions per chunk of the output projection + cross-entropy: the [batch, chunk, vocab]
+    # logits exist one chunk at a time (recomputed in the backward), never the whole
+    # [batch, seq_len, vocab]. 0 = the whole sequence at once.
+    loss_chunk: int = 0
     log_every: int = 1
     peak_flops: float = 0.0  # per device, for MFU; 0 = known peak of the device kind
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (they are skipped)
@@ -429,6 +433,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "must be >= 0 (0 = known device peak)")
     _check(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
     _check(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")
+    _check(cfg.loss_chunk >= 0 and (cfg.loss_chunk == 0 or cfg.seq_len % cfg.loss_chunk == 0),
+           "loss_chunk", cfg.loss_chunk, f"must be 0 (off) or a divisor of seq_len ({cfg.seq_len})")
+    _check(cfg.loss_chunk == 0 or axis_size(cfg.mesh, "sequence") == 1, "loss_chunk", cfg.loss_chunk,
+           "must be 0 with mesh.sequence > 1 (chunks of a sequence split over devices are not "
+           "supported); the logits are then already split over `sequence`")
     _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
     _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
            "must name an MLflow experiment, e.g. lmsys")

@@ -10,7 +10,8 @@ strategy it builds the Trainer, compiles the train step ahead of time
 (`trainer.step.lower(abstract_state, abstract_batch).compile()`, no arrays are allocated) and
 parses the compiled, SPMD-partitioned HLO text (`compiled.as_text()`) for all-reduce, all-gather,
 reduce-scatter, all-to-all and collective-permute, incl. the async `-start`/`-done` pairs
-(counted once, at `-done`). Shapes in that HLO are per device.
+(counted once, at `-done`), with lmsys.parallel.hlo.collective_bytes. Shapes in that HLO are
+per device. `--flops` adds each step's matmul FLOPs per device (lmsys.parallel.hlo.matmul_flops).
 
 Two byte counts per collective:
 - result bytes: the bytes of the op's result shape(s), per device;
@@ -37,168 +38,16 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
 import argparse  # (imports after XLA_FLAGS: it must be set before jax is imported)
 import datetime
 import math
-import re
-from dataclasses import dataclass, field
 
 import jax
-import numpy as np
-from jax.experimental import topologies
-from jax.sharding import AxisType, Mesh
 
 from lmsys.config import from_dict
-from lmsys.parallel import Rules
+from lmsys.models.llama import flops_per_token
 from lmsys.parallel.analysis import collective_bytes_min
-from lmsys.parallel.mesh import MESH_AXES, mesh_shape
-from lmsys.train.step import Trainer
-
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
-            "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-
-_SHAPE = re.compile(r"\b(" + "|".join(ITEMSIZE) + r")\[([0-9,]*)\]")
-_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
-_CALLED = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of every array shape in an HLO type string (`f32[8,64]`, a tuple of them, ...)."""
-    return sum(ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(text))
-
-
-def group_size(attrs: str, n_devices: int) -> int:
-    """Devices per replica group of a collective, from its HLO attributes: an explicit list
-    `{{0,1},{2,3}}`, the iota form `[groups,size]<=[...]`, or the mesh form
-    `mesh['a'=4,'b'=2], device_ids=(...) {'a'}` (the product of the named axes; device_ids
-    optional)."""
-    m = re.search(r"source_target_pairs=", attrs)
-    if m:
-        return 2
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
-    if m:
-        sizes = {k.strip("'\" "): int(v) for k, v in (kv.split("=") for kv in m.group(1).split(","))}
-        return math.prod(sizes[a.strip("'\" ")] for a in m.group(2).split(",") if a.strip())
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
-    if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)
-    if m:
-        return len(m.group(1).split(","))
-    if re.search(r"replica_groups=\{\}", attrs) or "replica_groups" not in attrs:
-        return n_devices  # empty groups: all devices
-    raise ValueError(f"cannot read the replica groups of a collective from: {attrs[:200]}")
-
-
-WIRE = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
-        "reduce-scatter": lambda n: n - 1, "all-to-all": lambda n: (n - 1) / n,
-        "collective-permute": lambda n: 1.0}
-
-
-@dataclass
-class CollectiveBytes:
-    """Per-device collective bytes of one compiled program, by kind."""
-
-    result: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
-    wire: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
-    count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    unknown_trip_counts: int = 0
-
-    @property
-    def total_result(self) -> float:
-        return sum(self.result.values())
-
-    @property
-    def total_wire(self) -> float:
-        return sum(self.wire.values())
-
-
-def _trip_count_from_condition(lines: list[str]) -> int | None:
-    """N for a loop condition whose root is `compare(counter, constant(N)), direction=LT` (how
-    jax's scan and fori_loop lower: the counter starts at 0 and steps by 1); else None."""
-    consts = {}
-    for line in lines:
-        m = _INSTR.match(line)
-        if m and m.group(3) == "constant" and re.match(r"[su]\d+\[\]", m.group(2)):
-            consts[m.group(1)] = int(m.group(4).split(")")[0])
-    root = next((ln for ln in lines if ln.lstrip().startswith("ROOT")), "")
-    m = re.search(r"compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT", root)
-    return consts.get(m.group(1)) if m else None
-
-
-def collective_bytes(hlo_text: str, n_devices: int) -> CollectiveBytes:
-    """Parses compiled (SPMD-partitioned) HLO text: each collective's per-device result bytes
-    and wire bytes (see the module docstring), times the trip counts of the while loops around
-    it, summed by kind."""
-    comps: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        if not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
-            m = _COMP.match(line)
-            if m:
-                current = m.group(1)
-                comps[current] = []
-                if line.startswith("ENTRY"):
-                    entry = current
-                continue
-        if current is not None and line.strip() and line.strip() != "}":
-            comps[current].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-
-    # how many times each computation runs per call of the entry
-    mult: dict[str, float] = {}
-    out = CollectiveBytes()
-
-    def visit(name: str, times: float):
-        mult[name] = mult.get(name, 0) + times
-        for line in comps.get(name, ()):
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            op, rest = m.group(3), m.group(4)
-            called = _CALLED.findall(rest)
-            b = _BRANCHES.search(rest)
-            if b:
-                called += [c.strip().lstrip("%") for c in b.group(1).split(",") if c.strip()]
-            trips = 1
-            if op == "while":
-                t = _TRIP.search(rest)
-                cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
-                trips = int(t.group(1)) if t else _trip_count_from_condition(comps.get(cond.group(1) if cond else "", []))
-                if trips is None:
-                    out.unknown_trip_counts += 1
-                    trips = 1
-            for c in called:
-                if c in comps and not c.startswith("fused_computation"):
-                    # a while's body (and condition) run `trips` times
-                    visit(c, times * (trips if op == "while" else 1))
-
-    visit(entry, 1.0)
-    for name, times in mult.items():
-        for line in comps[name]:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            result_type, op, rest = m.group(2), m.group(3), m.group(4)
-            if op.endswith("-start"):
-                continue  # counted at its -done
-            kind = op.removesuffix("-done")
-            if kind not in KINDS:
-                continue
-            if op.endswith("-done"):  # the -done has no attributes: take them from its -start
-                start = rest.split(")")[0].strip().lstrip("%")
-                rest = next((ln for ln in comps[name] if re.match(rf"^\s*(?:ROOT\s+)?%?{re.escape(start)}\s*=", ln)), rest)
-            nbytes = shape_bytes(result_type) * times
-            n = group_size(rest, n_devices)
-            if n <= 1:
-                continue
-            out.count[kind] += int(times)
-            out.result[kind] += nbytes
-            out.wire[kind] += nbytes * WIRE[kind](n)
-    return out
-
+from lmsys.parallel.hlo import KINDS, CollectiveBytes, collective_bytes, matmul_flops
+from lmsys.parallel.mesh import MESH_AXES
+from lmsys.plan import PlanError, aot_compile
+from lmsys.plan import tpu_devices as plan_tpu_devices
 
 # name -> config tree (over --preset, --batch-size, --seq-len, --dtype)
 STRATEGIES = {
@@ -226,6 +75,9 @@ def parse_args(argv=None):
                    help="cpu: the local devices; tpu: compile ahead of time for --tpu-topology")
     p.add_argument("--tpu-topology", default="v5p:2x2x2", help="with --platform tpu (8 chips)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    p.add_argument("--flops", action="store_true",
+                   help="also print each step's matmul GFLOP per device (lmsys.parallel.hlo.matmul_flops, "
+                        "loop trips included) next to the model's (flops_per_token x tokens / devices)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every strategy, e.g. --set model.n_layers=2")
     return p.parse_args(argv)
@@ -247,32 +99,23 @@ def measure(cfg, devices=None) -> tuple[CollectiveBytes, dict[str, int]]:
     """Compiles `cfg`'s train step on a mesh of the first devices it needs (of `devices`,
     default `jax.devices()`; TPU topology devices compile ahead of time without a TPU); returns
     its collective bytes and the resolved mesh sizes."""
-    devices = list(jax.devices() if devices is None else devices)
-    if -1 in (getattr(cfg.mesh, a) for a in MESH_AXES):
-        n = len(devices)
-    else:
-        n = math.prod(getattr(cfg.mesh, a) for a in MESH_AXES)
-    if n > len(devices):
-        raise SystemExit(f"this strategy needs {n} devices, {len(devices)} found; on a CPU set "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before jax is imported")
-    sizes = mesh_shape(cfg.mesh, n)
-    # not build_mesh: these may be TPU topology devices, not jax.devices()
-    mesh = Mesh(np.asarray(devices[:n]).reshape(tuple(sizes[a] for a in MESH_AXES)), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    trainer = Trainer(cfg, Rules(mesh))
-    compiled = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
-    return collective_bytes(compiled.as_text(), n), sizes
+    hlo_text, sizes = compile_step(cfg, devices)
+    return collective_bytes(hlo_text, math.prod(sizes[a] for a in MESH_AXES)), sizes
+
+
+def compile_step(cfg, devices=None) -> tuple[str, dict[str, int]]:
+    """`measure`'s compile (lmsys.plan.aot_compile): the compiled, SPMD-partitioned HLO text of
+    `cfg`'s train step and the resolved mesh sizes."""
+    compiled, sizes = aot_compile(cfg, jax.devices() if devices is None else devices)
+    return compiled.as_text(), sizes
 
 
 def tpu_devices(topology: str) -> list:
-    """The devices of a TPU topology (e.g. `v5p:2x2x2`) for ahead-of-time compilation with the
-    real TPU compiler, no TPU needed (libtpu must be importable: `pip install jax[tpu]`)."""
+    """lmsys.plan.tpu_devices, as a command-line error."""
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    except Exception as e:  # no libtpu, or a topology name it does not know
-        raise SystemExit(f"cannot get TPU topology {topology!r} ({type(e).__name__}: {e}); "
-                         "--platform tpu needs libtpu (pip install 'jax[tpu]') and a topology "
-                         "name like v5p:2x2x2") from e
+        return plan_tpu_devices(topology)
+    except PlanError as e:
+        raise SystemExit(str(e)) from e
 
 
 def _mb(x: float) -> str:
@@ -291,13 +134,18 @@ def main(argv=None) -> list[dict]:
     print(header, flush=True)
     for name in names:
         cfg = strategy_config(name, args.preset, args.batch_size, args.seq_len, args.dtype, args.set)
-        got, sizes = measure(cfg, devices)
+        hlo_text, sizes = compile_step(cfg, devices)
+        n = math.prod(sizes[a] for a in MESH_AXES)
+        got = collective_bytes(hlo_text, n)
         minimum = collective_bytes_min(cfg, sizes)
         total_min = sum(minimum.values())
         ratio = got.total_wire / total_min if total_min else float("nan")
         row = {"strategy": name, "mesh": sizes, "result": got.result, "wire": got.wire, "count": got.count,
                "total_result": got.total_result, "total_wire": got.total_wire, "min": minimum,
                "total_min": total_min, "ratio": ratio, "unknown_trip_counts": got.unknown_trip_counts}
+        if args.flops:
+            row["matmul_flops"] = matmul_flops(hlo_text)
+            row["model_flops"] = flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len / n
         rows.append(row)
         cells = "".join(f"{_mb(got.result[k]) + (f' ({got.count[k]})' if got.count[k] else ''):>19}" for k in KINDS)
         print(f"{name:<22}{cells}{_mb(got.total_result):>10}{_mb(got.total_wire):>10}{_mb(total_min):>10}"
@@ -313,6 +161,15 @@ def main(argv=None) -> list[dict]:
     print("\nanalytical minimum terms (MiB, wire):")
     for row in rows:
         print(f"  {row['strategy']:<22}" + "; ".join(f"{k} {_mb(v)}" for k, v in row["min"].items()))
+    if args.flops:
+        print("\nmatmul GFLOP per device per step (compiled HLO, loop trips included) vs the model's "
+              "(flops_per_token x tokens / devices):")
+        for row in rows:
+            f = row["matmul_flops"]
+            print(f"  {row['strategy']:<22}{f.flops / 1e9:10.2f}{row['model_flops'] / 1e9:10.2f}"
+                  f"{f.flops / row['model_flops']:7.3f}"
+                  + (f"  (+ custom calls of unknown FLOPs: {f.opaque_custom_calls})" if f.opaque_custom_calls else "")
+                  + (f"  ({f.unknown_trip_counts} loops of unknown trip count)" if f.unknown_trip_counts else ""))
     print(f"\n(n) = collectives executed per step. {datetime.datetime.now(datetime.UTC):%Y-%m-%d} "
           f"{devices[0].device_kind} x {len(devices)} ({args.platform}"
           f"{' ' + args.tpu_topology + ', ahead-of-time compile' if args.platform == 'tpu' else ''}), jax {jax.__version__}; "

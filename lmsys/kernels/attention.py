@@ -68,18 +68,20 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
               sm_scale: float | None = None,
               sliding_window: int | None = None,
               logits_soft_cap: float | None = None,
-              impl: str = "xla") -> jax.Array:
+              impl: str = "xla", backend: str | None = None) -> jax.Array:
     """Softmax attention, out [batch, q_len, heads, head_dim] in q's dtype.
 
     Masking: a query attends to a key only if their segment ids are equal (when given; packed
     documents never see each other), when `causal` the key's position is <= the query's, and with
     `sliding_window` the key's position is > query's - window. Positions default to the index
     along the sequence; a KV cache passes its slot positions. `logits_soft_cap`: logits become
-    cap * tanh(logits / cap).
+    cap * tanh(logits / cap). `backend`: the platform compiled for (default JAX's default
+    backend; lmsys.parallel.Rules.backend for a mesh of other devices, e.g. a TPU AOT compile).
     """
     impl = _call_impl(impl, q_BTNH, segments=q_segment_ids_BT is not None,
                       soft_cap=logits_soft_cap,
-                      positions=q_positions_BT is not None or kv_positions_BS is not None)
+                      positions=q_positions_BT is not None or kv_positions_BS is not None,
+                      backend=backend)
     if impl == "cudnn":
         return _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT, kv_segment_ids_BS,
                                 causal=causal, sm_scale=sm_scale, sliding_window=sliding_window)
@@ -90,7 +92,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *,
                     q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS)
         return flash_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, segment_ids=segs,
                                sm_scale=sm_scale, sliding_window=sliding_window,
-                               logits_soft_cap=logits_soft_cap)
+                               logits_soft_cap=logits_soft_cap, backend=backend,
+                               interpret=None if backend is None else backend == "cpu")
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_ids_BT=q_segment_ids_BT,
                          kv_segment_ids_BS=kv_segment_ids_BS, q_positions_BT=q_positions_BT,
                          kv_positions_BS=kv_positions_BS, causal=causal, sm_scale=sm_scale,

@@ -191,8 +191,10 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     """Writes this call's keys/values into the paged pool of `layer` and attends over each
     row's pages. Tokens at position < 0 are padding: their writes are dropped. A decode step
     (one token per row) with impl resolving to "pallas" runs the paged kernel (GPU, TPU; CPU
-    interpret; on a mesh per shard of the pool, lmsys.parallel.kernels), else the pages are
-    gathered into a dense sequence for `attention`."""
+    interpret; on a mesh per shard of the pool, lmsys.parallel.kernels); on XLA:CPU a decode
+    step gathers the pages in the pool's layout and attends with two batched matmuls; else the
+    pages are gathered into a dense sequence for `attention`. A call whose every row holds the
+    first tokens of its sequence (a prompt's first prefill chunk) attends over its own keys."""
     from lmsys.kernels import paged_attention, resolve_impl
     from lmsys.kernels.paged_attention import supported_backend as paged_supported
     k_LPSKH, v_LPSKH = kv
@@ -216,10 +218,57 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
                                     layer=layer)
         return o_BNH[:, None], (k_LPSKH, v_LPSKH)
     K, H = k_LPSKH.shape[3], k_LPSKH.shape[4]
-    k_BSKH = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
-    v_BSKH = v_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
-    o_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
-                       kv_positions_BS=jnp.arange(P * page_size)[None, :], causal=True, impl=impl)
+    backend = jax.default_backend() if rules is None else rules.backend
+    if q_BTNH.shape[1] == 1 and backend == "cpu" and (
+            rules is None or not rules.spec(("kv_heads",), (K,))):
+        # decode on XLA:CPU: each row's pages gathered in the pool's own layout, both products
+        # as batched matmuls over the rows that read it as is, the query block-diagonal over
+        # the K KV heads (K x the multiply-adds, but no transposing copy of the gathered
+        # pages: that copy, fused with the gather, cost more than the attention itself)
+        k_BSD = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K * H)
+        v_BSD = v_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K * H)
+        N = q_BTNH.shape[2]
+        eye_KK = jnp.eye(K, dtype=k_BSD.dtype)
+        q_BDN = jnp.einsum("bkgh,kj->bkhjg", q_BTNH[:, 0].reshape(B, K, N // K, H).astype(
+            k_BSD.dtype), eye_KK).reshape(B, K * H, N)  # column (j, g) is zero outside rows of j
+        logits_BSN = jnp.einsum("bsd,bdn->bsn", k_BSD, q_BDN,
+                                preferred_element_type=jnp.float32) * H ** -0.5
+        live_BS = jnp.arange(P * page_size)[None, :] <= positions_BT
+        logits_BSN = jnp.where(live_BS[:, :, None], logits_BSN, -1e30)
+        probs_BSN = jax.nn.softmax(logits_BSN, axis=1).astype(v_BSD.dtype)
+        o_BNKH = jnp.einsum("bsn,bsd->bnd", probs_BSN, v_BSD,
+                            preferred_element_type=jnp.float32).reshape(B, N, K, H)
+        # head n = (k, g) keeps its own KV head's block
+        o_BNH = jnp.einsum("bkgjh,kj->bkgh", o_BNKH.reshape(B, K, N // K, K, H), eye_KK.astype(
+            o_BNKH.dtype)).reshape(B, N, H)
+        return o_BNH[:, None].astype(q_BTNH.dtype), (k_LPSKH, v_LPSKH)
+    T = q_BTNH.shape[1]
+
+    def over_pages(_):
+        k_BSKH = k_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+        v_BSKH = v_LPSKH[layer, page_table_BP].reshape(B, P * page_size, K, H).astype(q_BTNH.dtype)
+        return attention(q_BTNH, k_BSKH, v_BSKH, q_positions_BT=positions_BT,
+                         kv_positions_BS=jnp.arange(P * page_size)[None, :], causal=True,
+                         impl=impl)
+
+    if T == 1 or T >= P * page_size:
+        return over_pages(None), (k_LPSKH, v_LPSKH)
+
+    def over_chunk(_):  # the keys at positions <= a query's are exactly this call's tokens
+        kv_positions_BT = jnp.where(positions_BT >= 0, positions_BT, jnp.iinfo(jnp.int32).max)
+        k_BTKH_, v_BTKH_ = (x.astype(k_LPSKH.dtype).astype(q_BTNH.dtype) for x in (k_BTKH, v_BTKH))
+        return attention(q_BTNH, k_BTKH_, v_BTKH_,
+                         q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BT,
+                         causal=True, impl=impl)
+
+    def per_row(_):  # each row's numbers never depend on its neighbours (batch invariance)
+        return jnp.where(first_B[:, None, None, None], over_chunk(None), over_pages(None))
+
+    # a row that starts its sequence (each token's position is its index in the chunk, padding
+    # < 0) attends over its own T keys, not the P x page_size of its pages; a call of only such
+    # rows (a prompt's first prefill chunk) reads no pages at all
+    first_B = jnp.all((positions_BT == jnp.arange(T)[None, :]) | (positions_BT < 0), axis=1)
+    o_BTNH = jax.lax.cond(jnp.all(first_B), over_chunk, per_row, None)
     return o_BTNH, (k_LPSKH, v_LPSKH)
 
 
@@ -322,12 +371,43 @@ def _swiglu(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules):
     return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD)
 
 
+def _gather_layer(lp, cfg: ModelConfig, rules, dtype):
+    """One layer's parameters in the compute dtype, all-gathered over `fsdp` (still split over
+    tensor/expert). Inside a rematerialized layer this is the one gather per pass that the
+    recomputed forward and the backward share, and its transpose is one reduce-scatter of the
+    gradients in the compute dtype; left implicit, the partitioner gathers per matmul use."""
+    axes = jax.tree.map(lambda a: a[1:], param_axes(cfg)["layers"], is_leaf=lambda t: isinstance(t, tuple))
+    return jax.tree.map(lambda w, a: fsdp_gather(w, rules, a), materialize(lp, dtype), axes,
+                        is_leaf=lambda t: isinstance(t, tuple))
+
+
+def fsdp_gather(w, rules, axes):
+    """`w` (laid out by the rule table under logical `axes`) all-gathered over `fsdp`; its
+    gradient is pinned back to the fsdp-split layout right away, which the partitioner turns
+    into a reduce-scatter (not an all-reduce of the whole gradient and a slice)."""
+    gathered = rules.without(("fsdp",))
+
+    @jax.custom_vjp
+    def gather(w):
+        return gathered.constrain(w, axes)
+
+    def fwd(w):
+        return gather(w), None
+
+    def bwd(_, g):
+        return (rules.constrain(g, axes),)
+
+    gather.defvjp(fwd, bwd)
+    return gather(w)
+
+
 def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
-           page_table_BP):
+           page_table_BP, gather: bool = False):
     """One decoder block; `kv` is the (k, v) page pool of all layers, or None. Returns
-    (x_BTD, kv, moe_losses_2): the MoE router losses, None for a dense MLP."""
+    (x_BTD, kv, moe_losses_2): the MoE router losses, None for a dense MLP. `gather`: all-gather
+    the layer's fsdp-split parameters once up front (`_gather_layer`)."""
     dtype = x_BTD.dtype
-    lp = materialize(lp, dtype)
+    lp = _gather_layer(lp, cfg, rules, dtype) if gather else materialize(lp, dtype)
     act = ("batch", "seq", None)
 
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
@@ -350,13 +430,15 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
         from lmsys.parallel.context import context_parallel_attention
 
         o_BTNH = context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules)
-    elif kv is None and rules is not None and rules.mesh.size > 1 and resolve_impl(cfg.attention_impl) == "pallas":
+    elif (kv is None and rules is not None and rules.mesh.size > 1
+          and resolve_impl(cfg.attention_impl, rules.backend) == "pallas"):
         from lmsys.parallel.kernels import sharded_flash_attention
 
         o_BTNH = sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules)
     elif kv is None:
         o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, q_segment_ids_BT=segment_ids_BT,
-                           causal=True, impl=cfg.attention_impl)
+                           causal=True, impl=cfg.attention_impl,
+                           backend=None if rules is None else rules.backend)
     else:
         o_BTNH, kv = _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP,
                                        positions_BT, cfg.attention_impl, rules)
@@ -399,17 +481,23 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     inv_freq = rope_frequencies(cfg)
     # Gather the table's FSDP shards before the lookup (a gather from an fsdp-split model dim
     # would be replicated whole by the partitioner); vocab stays split over `tensor`.
-    embed_VD = _constrain(rules, params["embed"].astype(dtype), ("vocab", None))
+    embed_VD = params["embed"].astype(dtype)
+    if rules is not None:
+        embed_VD = fsdp_gather(embed_VD, rules, ("vocab", "embed"))
     x_BTD = embed_VD[tokens_BT]
     x_BTD = _constrain(rules, x_BTD, ("batch", "seq", None))
     page_table_BP = None if cache is None else cache["page_table"]
+
+    # Under remat, gather each layer's fsdp shards explicitly once per pass (without remat the
+    # gathered weights would be kept for the backward: the partitioner re-gathers instead).
+    gather = cache is None and remat != "none" and rules is not None and rules.mesh.shape.get("fsdp", 1) > 1
 
     def body(carry, scanned):
         x, kv = carry
         lp, layer = scanned
         x, kv, moe_losses = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
                                    segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
-                                   page_table_BP=page_table_BP)
+                                   page_table_BP=page_table_BP, gather=gather)
         return (x, kv), moe_losses
 
     if remat != "none":
@@ -424,7 +512,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
 
         def block(x, lp, pos_BT, seg_BT, stage_rules):  # one layer inside a pipeline stage
             return _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
-                          segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None)[0]
+                          segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None,
+                          gather=gather)[0]
 
         x_BTD = pipeline(block, params["layers"], x_BTD, positions_BT, segment_ids_BT, rules=rules,
                          policy=None if remat == "none" else REMAT_POLICIES[remat])
@@ -444,7 +533,12 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
 def unembed(params: dict, x_BTD: jax.Array, *, cfg: ModelConfig, rules=None, dtype=jnp.float32):
     """Logits [batch, seq, vocab] in float32 of final-normed hidden states (`forward`'s output
     projection)."""
-    unembed_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, materialize(unembed_DV, dtype),
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_weight(params, cfg=cfg, dtype=dtype),
                             preferred_element_type=jnp.float32)
     return _constrain(rules, logits_BTV, ("batch", "seq", "vocab"))
+
+
+def unembed_weight(params: dict, *, cfg: ModelConfig, dtype=jnp.float32):
+    """The output projection [d_model, vocab] in the compute dtype (the embedding's transpose
+    when tied); `unembed(params, x)` is x @ unembed_weight(params)."""
+    return materialize(params["embed"].T if cfg.tie_embeddings else params["unembed"], dtype)

@@ -93,9 +93,14 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
       for the dense parameters, whose rows split over `expert` too): 2(R-1)/R x P_t / fsdp.
       ZeRO-1 (`optimizer.zero1`) moves the same bytes as a reduce-scatter of the gradients plus
       an all-gather of the updated parameters: (R-1)/R + (R-1)/R.
-    - `fsdp gather+scatter` (ZeRO-3 over fsdp = f): parameters all-gathered for the forward
-      and again for the backward (grad_accum times each), gradients reduce-scattered once:
-      (2 x grad_accum + 1) x (f-1)/f x P_t.
+    - `fsdp gather+scatter` (ZeRO-3 over fsdp = f, per microbatch of grad_accum): each layer's
+      parameters all-gathered once per pass that uses them — the forward, and the backward
+      (under remat the recomputed forward and the backward run in the same pass and share one
+      gather: lmsys gathers a layer explicitly, in the compute dtype, inside the rematerialized
+      layer) — and its gradients reduce-scattered once; the embedding and output projection are
+      gathered once (kept for the backward) and their gradients reduce-scattered once:
+      grad_accum x (f-1)/f x (3 x P_layers + 2 x P_rest) in the compute dtype (under remat;
+      without remat the layers are gathered as stored, float32, and the partitioner decides).
     - `tensor activations` (Megatron over tensor = t): per layer 2 all-reduces forward (after
       attention's and the MLP's row-parallel matmuls) and 2 backward (the input gradients of
       the column-parallel matmuls), plus 1 for the vocab-parallel embedding lookup (forward)
@@ -139,7 +144,10 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
         out["grad all-reduce"] = grad
     f = g["fsdp"]
     if f > 1:
-        out["fsdp gather+scatter"] = (2 * cfg.grad_accum + 1) * ring(f) * p_t
+        p_layers = param_bytes_per_device(m, compute)["layers"]
+        layer_item = item if cfg.remat != "none" else 4
+        out["fsdp gather+scatter"] = cfg.grad_accum * ring(f) * (
+            3 * p_layers * layer_item / 4 + 2 * (p_t - p_layers) * item / 4)
     t = g["tensor"]
     if t > 1:
         a = b_loc * t_loc * m.d_model * item
@@ -215,3 +223,83 @@ def activation_bytes_per_device(model, *, batch: int, seq_len: int, sequence: in
         kind = "ring" if load_balance else "ring_contiguous"
     pairs = rows * N * attention_pairs_per_row(seq_len, n, method, load_balance)
     return m.n_layers * (4 * tokens * per_token + PAIR_BYTES[kind] * pairs) + 4 * tokens * 4 * V
+
+
+# ----------------------------------------------------------------------------- train step memory
+
+
+def train_memory_per_device(cfg, sizes: dict[str, int], *, flash: bool = True) -> dict[str, float]:
+    """Bytes one device needs for the train step of run config `cfg` on a mesh of `sizes`, by
+    part (sum the values for the total; `arguments` parts are the step's inputs, the rest XLA's
+    temporaries). `flash`: attention keeps O(tokens) (a flash kernel; False: the XLA softmax,
+    which keeps [heads, seq, seq] float32 scores per row during its backward).
+
+    Arguments: float32 params and the two Adam moments as laid out (`param_bytes_per_device`,
+    `optimizer_state_bytes_per_device`) and the batch (5 int32/float32 arrays of its rows).
+    Temporaries, with b = rows per device per microbatch, t = seq_len / sequence, the compute
+    dtype's itemsize i and D, N'H, K'H, F', V' the model, head, kv, mlp and vocab widths on
+    one device:
+    - `gradients`: float32, laid out like the params.
+    - `saved activations`: per layer, what the backward needs from the forward. Remat `full`:
+      the layer's input, D x i per token. `selective`: also q, k, v and the two block outputs
+      (N'H + 2K'H + 2D) x i. `none`: every intermediate, (6D + 2N'H + 2K'H + 4F') x 4 (the
+      float32 norm/RoPE copies included; as in `activation_bytes_per_device`).
+    - `layer backward`: the live set of one layer's backward (its recomputed forward under
+      remat): (5D + 3N'H + 4K'H + 5F') x i per token, and without a flash kernel
+      PAIR_BYTES["softmax"] per query-key pair and head; plus, under fsdp, the layer's gathered
+      weights and their gradient before the reduce-scatter, 3 x the layer's params / (f x 4) x i.
+    - `embedding and head`: under fsdp the gathered output projection (kept from the forward
+      for the backward) and its gradient, and the embedding table's gradient (its gathered
+      copy is freed after the lookup): 3 x V' x D x i (2 with tied embeddings);
+      with `loss_chunk` the head's float32 gradient accumulator, one per batch shard, V' x D x 4.
+    - `logits`: float32 logits, their softmax and gradient for the positions one loss chunk
+      holds (b x loss_chunk, or all b x t): 3 x V' x 4 per position.
+    """
+    from lmsys.config import DTYPES as _  # noqa: F401  (config validated by the caller)
+
+    m = cfg.model
+    g = {a: sizes.get(a, 1) for a in MESH_AXES}
+    item = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    t_ = g["tensor"]
+    split = lambda n: n // t_ if n % t_ == 0 else n  # noqa: E731  (what the rule table does)
+    D, H = m.d_model, m.head_dim
+    NH, KH = split(m.n_heads) * H, split(m.n_kv_heads) * H
+    F = split(m.moe_d_ff * m.experts_per_token if m.n_experts else m.d_ff)
+    V = split(m.vocab_size)
+    rows = cfg.batch_size // (g["expert"] * g["data"] * g["fsdp"] * cfg.grad_accum)
+    t = cfg.seq_len // g["sequence"]
+    tokens = rows * t
+    layers = m.n_layers // g["stage"]
+    params = param_bytes_per_device(m, sizes)
+    out = {
+        "params": sum(params.values()),
+        "optimizer state": optimizer_state_bytes_per_device(m, sizes, zero1=cfg.optimizer.zero1),
+        "batch": 5 * 4 * cfg.batch_size // (g["expert"] * g["data"] * g["fsdp"]) * cfg.seq_len,
+        "gradients": sum(params.values()),
+    }
+    if cfg.remat == "full":
+        saved = D * item
+    elif cfg.remat == "selective":
+        saved = (NH + 2 * KH + 3 * D) * item
+    else:
+        saved = (6 * D + 2 * NH + 2 * KH + 4 * F) * 4
+    out["saved activations"] = layers * tokens * saved
+    work = tokens * (5 * D + 3 * NH + 4 * KH + 5 * F) * item
+    if not flash:
+        work += PAIR_BYTES["softmax"] * rows * split(m.n_heads) * attention_pairs_per_row(
+            cfg.seq_len, g["sequence"])
+    if g["fsdp"] > 1:
+        work += 3 * params["layers"] / layers / 4 * item
+    out["layer backward"] = work
+    head = 0.0
+    if g["fsdp"] > 1:
+        head += (2 if m.tie_embeddings else 3) * V * D * item
+    chunk = cfg.loss_chunk if 0 < cfg.loss_chunk < t else t
+    if chunk < t:
+        head += V * D * 4
+    out["embedding and head"] = head
+    out["logits"] = 3 * rows * chunk * V * 4
+    return out
+
+
+ARGUMENT_PARTS = ("params", "optimizer state", "batch")

@@ -35,7 +35,8 @@ def sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, ca
             k_head = shard * q.shape[2] // (N // K)
             k = jax.lax.dynamic_slice_in_dim(k, k_head, 1, axis=2)
             v = jax.lax.dynamic_slice_in_dim(v, k_head, 1, axis=2)
-        return flash_attention(q, k, v, causal=causal, segment_ids=seg)
+        return flash_attention(q, k, v, causal=causal, segment_ids=seg, backend=rules.backend,
+                               interpret=rules.backend == "cpu")
 
     return jax.shard_map(local, mesh=rules.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
                          out_specs=q_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

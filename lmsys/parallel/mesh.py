@@ -7,6 +7,8 @@ change of `mesh.*` sizes, never of model code.
 
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import math
 from dataclasses import dataclass, field
@@ -150,6 +152,7 @@ class Rules:
     # the tokens along `seq` are in lmsys.parallel.context's load-balanced (zig-zag) order
     # (the Trainer reorders each batch when mesh.sequence_load_balance is on)
     sequence_load_balance: bool = False
+    platform: str | None = None  # see `backend`; set by `manual` (an abstract mesh has no devices)
 
     def spec(self, axes: LogicalAxes, shape: Sequence[int] | None = None) -> P:
         """The PartitionSpec for an array with these logical axes. Mesh axes of size 1 are
@@ -186,12 +189,28 @@ class Rules:
         its local block) and shardings refer to the current, partly manual mesh."""
         table = {k: tuple(a for a in v if a not in axes) for k, v in self.table.items()}
         return Rules(jax.sharding.get_abstract_mesh(), table, self.sequence_method, self.pipeline,
-                     self.sequence_load_balance)
+                     self.sequence_load_balance, self.backend)
+
+    def without(self, axes: Collection[str]) -> Rules:
+        """These rules with the mesh axes `axes` taken out of every logical axis: an array
+        constrained with them is whole along those mesh axes (e.g. `without(("fsdp",))` is a
+        parameter all-gathered over fsdp, still split over tensor)."""
+        table = {k: tuple(a for a in v if a not in axes) for k, v in self.table.items()}
+        return dataclasses.replace(self, table=table)
 
     def tree_shardings(self, axes_tree, shapes_tree):
         """Shardings for a pytree of arrays (or ShapeDtypeStructs) given a matching tree of axes."""
         return jax.tree.map(lambda axes, s: self.sharding(axes, s.shape), axes_tree, shapes_tree,
                             is_leaf=lambda t: isinstance(t, tuple))
+
+    @property
+    def backend(self) -> str:
+        """The platform the program is compiled for: that of the mesh's devices ("tpu" for the
+        TPU topology devices of an ahead-of-time compile on a CPU machine), else JAX's default."""
+        if self.platform:
+            return self.platform
+        devices = getattr(self.mesh, "devices", None)
+        return devices.flat[0].platform if devices is not None else jax.default_backend()
 
     @property
     def replicated(self) -> NamedSharding:

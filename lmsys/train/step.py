@@ -10,11 +10,12 @@ No I/O here; the loop in lmsys.train.loop owns data, logging and checkpoints.
 from __future__ import annotations
 
 import dataclasses
-from functools import cached_property
+from functools import cached_property, partial
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from lmsys.config import (
     Config,
@@ -61,6 +62,87 @@ def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     nll_BT = (logz_BT - target_logit_BT) * mask_BT
     return jnp.sum(nll_BT), jnp.sum(mask_BT)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunked_loss_sums(x_BTD, w_DV, targets_BT, mask_BT, chunk: int, rules: Rules):
+    """`loss_sums(x_BTD @ w_DV, ...)` with the [batch, chunk, vocab] logits made one chunk of
+    positions at a time, in the forward and again in the backward, so the whole
+    [batch, seq, vocab] logits never exist. The backward accumulates the projection's gradient
+    over the chunks in float32 in w's layout and returns it once (under fsdp: one reduce-scatter
+    after the loop, not one per chunk)."""
+    return _chunked_fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, rules)[0]
+
+
+def _chunks(a, chunk):  # [B, T, ...] -> [T/chunk, B, chunk, ...]
+    return jnp.swapaxes(a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]), 0, 1)
+
+
+def _chunk_logits(x_BcD, w_DV, rules):
+    logits = jnp.einsum("btd,dv->btv", x_BcD, w_DV, preferred_element_type=jnp.float32)
+    return rules.constrain(logits, ("batch", "seq", "vocab"))
+
+
+def _chunked_fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, rules):
+    def one(sums, xs):
+        x_BcD, t_Bc, m_Bc = xs
+        return jax.tree.map(jnp.add, sums, loss_sums(_chunk_logits(x_BcD, w_DV, rules), t_Bc, m_Bc)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(one, (zero, zero), (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk),
+                                               _chunks(mask_BT, chunk)))
+    return sums, (x_BTD, w_DV, targets_BT, mask_BT)
+
+
+def _chunked_bwd(chunk, rules, residuals, cotangents):
+    x_BTD, w_DV, targets_BT, mask_BT = residuals
+    g_loss = cotangents[0]  # the token count has no gradient
+    # The projection's gradient is summed over the chunks per batch shard first (a leading axis
+    # of one partial sum per shard, split like the batch: no communication in the loop), then
+    # over the shards once, which the partitioner does as one reduce-scatter over fsdp.
+    shards = rules.batch_size_divisor
+    per_shard = lambda a: a.reshape(shards, a.shape[0] // shards, *a.shape[1:])  # noqa: E731
+
+    def one(dw_SDV, xs):
+        x_BcD, t_Bc, m_Bc = xs
+        logits = _chunk_logits(x_BcD, w_DV, rules)
+        onehot = jax.nn.one_hot(t_Bc, logits.shape[-1], dtype=jnp.float32)
+        dlogits = (jax.nn.softmax(logits, axis=-1) - onehot) * (g_loss * m_Bc)[..., None]
+        dx_BcD = jnp.einsum("btv,dv->btd", dlogits.astype(w_DV.dtype), w_DV).astype(x_BcD.dtype)
+        dw_SDV = dw_SDV + jnp.einsum("sbtd,sbtv->sdv", per_shard(x_BcD), per_shard(dlogits.astype(x_BcD.dtype)),
+                                     preferred_element_type=jnp.float32)
+        return rules.constrain(dw_SDV, ("batch", None, "vocab")), dx_BcD
+
+    dw0 = rules.constrain(jnp.zeros((shards, *w_DV.shape), jnp.float32), ("batch", None, "vocab"))
+    dw_SDV, dx_CBcD = jax.lax.scan(one, dw0, (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk),
+                                              _chunks(mask_BT, chunk)))
+    dx_BTD = jnp.swapaxes(dx_CBcD, 0, 1).reshape(x_BTD.shape)
+    return dx_BTD, _sum_shards(dw_SDV, rules).astype(w_DV.dtype), None, None
+
+
+def _sum_shards(dw_SDV, rules: Rules):
+    """The sum over the leading per-batch-shard axis, laid out as the parameter (`embed` over
+    fsdp): a psum over the other batch axes and a psum_scatter over fsdp, written out so the
+    partitioner cannot make it an all-reduce of the whole matrix and a slice."""
+    axes = tuple(a for a in rules.table["batch"] if rules.mesh.shape[a] > 1)
+    out_spec = rules.spec(("embed", "vocab"), dw_SDV.shape[1:])
+    if not axes:
+        return dw_SDV[0]
+    scatter = "fsdp" in axes and out_spec and out_spec[0] == "fsdp"
+
+    def local(dw):
+        dw = dw[0]
+        others = tuple(a for a in axes if a != "fsdp" or not scatter)
+        if others:
+            dw = jax.lax.psum(dw, others)
+        return jax.lax.psum_scatter(dw, "fsdp", scatter_dimension=0, tiled=True) if scatter else dw
+
+    manual_out = P("fsdp") if scatter else P()
+    return jax.shard_map(local, mesh=rules.mesh, in_specs=P(axes), out_specs=manual_out,
+                         axis_names=set(axes), check_vma=False)(dw_SDV)
+
+
+chunked_loss_sums.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 class Trainer:
@@ -149,10 +231,15 @@ class Trainer:
     def _loss_sums(self, params, batch):
         if self.rules.sequence_load_balance:  # every token-wise input alike; the loss is a sum
             batch = {k: to_load_balanced(v, self.rules.mesh.shape["sequence"]) for k, v in batch.items()}
-        logits_BTV, aux = llama.forward(
+        chunk = self.cfg.loss_chunk
+        chunked = 0 < chunk < self.cfg.seq_len
+        out_BTX, aux = llama.forward(
             params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=self.cfg.model,
-            rules=self.rules, dtype=self.dtype, remat=self.cfg.remat)
-        loss_sum, n = loss_sums(logits_BTV, batch["targets"], batch["loss_mask"])
+            rules=self.rules, dtype=self.dtype, remat=self.cfg.remat, logits=not chunked)
+        if chunked:
+            loss_sum, n = self._chunked_loss_sums(params, out_BTX, batch["targets"], batch["loss_mask"], chunk)
+        else:
+            loss_sum, n = loss_sums(out_BTX, batch["targets"], batch["loss_mask"])
         # MoE: each router loss (a mean over this batch's tokens) weighted by its token count:
         # over grad_accum microbatches, their token-weighted mean (the load-balancing loss is not
         # additive, so it is that of each microbatch, as in Megatron-LM)
@@ -161,6 +248,13 @@ class Trainer:
         if router:
             objective = loss_sum + sum(getattr(self.cfg.model, ROUTER_LOSSES[k]) * v for k, v in router.items())
         return objective, (loss_sum, n, router)
+
+    def _chunked_loss_sums(self, params, x_BTD, targets_BT, mask_BT, chunk: int):
+        """`loss_sums` of the final hidden states, `chunk` positions at a time (`chunked_loss_sums`)
+        with the output projection all-gathered over fsdp once."""
+        w_DV = llama.fsdp_gather(llama.unembed_weight(params, cfg=self.cfg.model, dtype=self.dtype),
+                                 self.rules, ("embed", "vocab"))
+        return chunked_loss_sums(x_BTD, w_DV, targets_BT, mask_BT, chunk, self.rules)
 
     def grads(self, params, batch):
         """Mean loss and its gradient over the batch, accumulated over `grad_accum` microbatches

@@ -1,0 +1,131 @@
+"""`lmsys plan`: the analytical model against compiled steps (CPU here; the real TPU compiler
+ahead of time when libtpu is installed), the mesh search, the CLI and its errors."""
+
+import importlib.util
+import re
+
+import jax
+import pytest
+
+from lmsys import plan
+from lmsys.cli import main
+from lmsys.config import from_dict, load_config
+from lmsys.parallel.hlo import parse
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="no libtpu: the TPU ahead-of-time compile tests "
+                                                         "need the `tpu` extra (pip install -e '.[tpu]')")
+RECIPE = "recipes/configs/llama3-8b.yaml"
+
+
+def big(preset: str, chips: int, **over):
+    """MaxText's comparison setup: FSDP over all chips, 4 rows x 4096 tokens per chip, bf16
+    compute, full remat, flash attention."""
+    tree = {"model": {"preset": preset, "attention_impl": "auto"}, "mesh": {"fsdp": -1},
+            "batch_size": 4 * chips, "seq_len": 4096, "remat": "full", "dtype": "bfloat16", "loss_chunk": 256}
+    return from_dict({**tree, **over})
+
+
+def test_analytical_arguments_match_the_cpu_compile():
+    """The step's inputs exactly (the temporaries are the TPU compiler's to match: below)."""
+    cfg = from_dict({"model": {"preset": "small"}, "mesh": {"fsdp": 8}, "batch_size": 16, "seq_len": 256,
+                     "remat": "full", "loss_chunk": 64})
+    p = plan.analyze(cfg, 8, "h100")
+    compiled, sizes = plan.aot_compile(cfg, jax.devices())
+    got = plan.compiled_figures(compiled, 8)
+    assert sizes == p.sizes
+    assert p.arguments == pytest.approx(got["arguments"], rel=0.02)
+
+
+def test_search_llama3_8b_on_8_h100s():
+    cfg = load_config(RECIPE)
+    plans = plan.search(cfg, 8, "h100")
+    assert plans and all(p.fits for p in plans)
+    assert [p.step_time for p in plans] == sorted(p.step_time for p in plans)
+    best = plans[0]
+    assert best.devices == 8 and best.total_memory <= plan.USABLE * 80e9
+    # what does not fit is left out: plain data parallelism holds 8B x 16 bytes per device
+    assert all(p.sizes["data"] < 8 for p in plans)
+    text = plan.render_search(plans, 3)
+    assert text.splitlines()[2].split()[1:3] == [k for k in plan.mesh_text(best.sizes).split()][:2]
+    assert "why: compute-bound" in text or "why: communication-bound" in text
+
+
+def test_nothing_fits_says_so():
+    cfg = load_config(RECIPE, ["model.preset=70b"])
+    assert plan.search(cfg, 8, "h100") == []  # 70B x 12 bytes of state / 8 > 72 GB
+    assert plan.render_search([], 5).startswith("no mesh and remat policy fits")
+
+
+def test_cli_plan_table_and_errors(capsys):
+    assert main(["plan", RECIPE, "--devices", "8", "--hardware", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 90% of 80 GB" in out and "fsdp gather+scatter" in out and "MFU" in out
+    assert main(["plan", RECIPE, "model.preset=70b", "mesh.fsdp=-1", "--devices", "8"]) == 3  # does not fit
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", RECIPE, "--devices", "6"]) == 2  # 32 rows over 6 fsdp devices
+    assert "do not split over expert x data x fsdp = 6" in capsys.readouterr().err
+    assert main(["plan", RECIPE, "--topology", "v5p:4x4x4", "--devices", "64"]) == 2
+    assert "--devices comes from --topology" in capsys.readouterr().err
+    assert main(["plan", RECIPE, "--topology", "nonsense:9"]) == 2
+    assert "no datasheet figures for 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(plan.PlanError, match="unknown hardware 'tpu9'"):
+        plan.analyze(load_config(RECIPE), 8, "tpu9")
+
+
+@needs_libtpu
+def test_bad_topology_is_a_clear_error():
+    with pytest.raises(plan.PlanError, match="cannot get TPU topology 'v5p:3x3x3'"):
+        plan.tpu_devices("v5p:3x3x3")
+
+
+def _compare(p: plan.Plan):
+    got = p.compiled
+    assert got["unknown_trip_counts"] == 0
+    assert p.arguments == pytest.approx(got["arguments"], rel=0.02)
+    assert p.total_memory == pytest.approx(got["total"], rel=0.2), (p.memory, got)
+    ratio = sum(got["collective_wire"].values()) / sum(p.collectives.values())
+    if got["collective_count"]["all-gather"] == 0 and got["collective_count"]["collective-permute"] == 0:
+        # On v5p:4x4x4 the TPU compiler (libtpu 0.0.42 and 0.0.50.1 alike) lowers the fsdp
+        # all-gathers as all-reduces of zero-padded shards (twice the wire bytes; result bytes
+        # equal to the gathers'); on 2x4x4 it gathers, and the same program is 1.02x.
+        pytest.xfail(f"the TPU compiler all-reduces instead of all-gathering: {ratio:.2f}x the minimum")
+    assert ratio <= 1.2, (got["collective_wire"], p.collectives)
+
+
+@needs_libtpu
+def test_tpu_aot_8b_on_v5p_4x4x4_matches_the_analytical_model():
+    _compare(plan.plan_topology(big("8b", 64), "v5p:4x4x4"))
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tpu_aot_70b_on_v5p_8x8x4_matches_the_analytical_model():
+    _compare(plan.plan_topology(big("70b", 256), "v5p:8x8x4"))
+
+
+@needs_libtpu
+def test_ring_attention_passes_kv_asynchronously_on_tpu():
+    """The TPU compiler overlaps each ring step's K/V collective-permute with the attention
+    compute: every permute in the loops is a -start/-done pair with compute (fusions, the
+    flash kernel's custom calls) scheduled between them."""
+    cfg = from_dict({"model": {"preset": "tiny"}, "mesh": {"sequence": 4, "fsdp": 1}, "batch_size": 2,
+                     "seq_len": 512})
+    compiled, _ = plan.aot_compile(cfg, plan.tpu_devices("v5p:2x2x1"))
+    module = parse(compiled.as_text())
+    pairs = 0
+    for name, instructions in module.computations.items():
+        if name == module.entry:  # outside the layer and ring loops (the batch's reordering)
+            continue
+        names = [i.name for i in instructions]
+        for k, ins in enumerate(instructions):
+            if ins.op != "collective-permute-start":
+                continue
+            done = next(j for j in range(k, len(instructions))
+                        if instructions[j].op == "collective-permute-done"
+                        and instructions[j].operand_name(0) == ins.name)
+            between = instructions[k + 1:done]
+            assert any(re.match(r"fusion|convolution|dot|custom-call", i.op) for i in between), names[k:done + 1]
+            pairs += 1
+    assert pairs >= 2  # K and V
+    assert " collective-permute(" not in compiled.as_text()  # no synchronous one
