@@ -79,7 +79,7 @@ def _decode_rows(n, pages):
     """The inputs of one decode call of `n` padding rows (to trace or lower it)."""
     z = np.zeros(n, np.int32)
     sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32), np.zeros(n, np.uint32), z)
-    return z, z - 1, np.zeros((n, pages), np.int32), sampling
+    return z, z - 1, np.zeros((n, pages), np.int32), sampling, np.zeros(n, bool)
 
 
 def _run_staggered(engine, prompts, max_tokens, each_step=lambda: None):
@@ -416,3 +416,66 @@ def test_pallas_attention_serves_the_same_tokens_as_xla(setup, mesh):
     assert [r.generated for r in reqs] == [r.generated for r in xla]
     jaxpr = jax.make_jaxpr(engine._decode)(engine.params, engine.kv, _decode_rows(2, 1))
     assert "pallas_call" in str(jaxpr)
+
+
+def _pool_and_queries(cfg, B, P, page_size, T, seed):
+    rng = np.random.default_rng(seed)
+    K, H, N = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    pool = tuple(jnp.asarray(rng.standard_normal((cfg.n_layers, B * P, page_size, K, H)), jnp.float32)
+                 for _ in range(2))
+    table = jnp.asarray(rng.permutation(B * P).reshape(B, P), jnp.int32)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, H)), jnp.float32) for n in (N, K, K))
+    return pool, table, q, k, v
+
+
+def _reference_cached_attention(q, k, v, pool, layer, table, positions):
+    """The paged pool written, then every row's pages gathered into one dense sequence for
+    `attention` (the one path before the CPU decode and first-chunk ones)."""
+    from lmsys.kernels import attention
+
+    (kp, vp), (B, P), S = pool, table.shape, pool[0].shape[2]
+    page = jnp.where(positions >= 0, jnp.take_along_axis(table, jnp.clip(positions // S, 0, P - 1), 1),
+                     kp.shape[1])
+    kp = kp.at[layer, page, positions % S].set(k, mode="drop")
+    vp = vp.at[layer, page, positions % S].set(v, mode="drop")
+    dense = [x[layer, table].reshape(B, P * S, *x.shape[3:]) for x in (kp, vp)]
+    out = attention(q, *dense, q_positions_BT=positions, kv_positions_BS=jnp.arange(P * S)[None],
+                    causal=True, impl="xla")
+    return out, (kp, vp)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 8, 1])
+def test_cpu_decode_attention_equals_dense_attention_over_gathered_pages(setup, n_kv_heads):
+    """The XLA:CPU decode step (pages gathered in the pool layout, block-diagonal query) gives
+    the numbers of dense attention over the gathered pages, grouped heads included; a padding
+    row (position -1) writes nothing."""
+    cfg = dataclasses.replace(setup[0], n_kv_heads=n_kv_heads)
+    pool, table, q, k, v = _pool_and_queries(cfg, B=5, P=3, page_size=4, T=1, seed=n_kv_heads)
+    positions = jnp.asarray([[0], [5], [11], [-1], [7]], jnp.int32)
+    for layer in range(cfg.n_layers):
+        want, want_kv = _reference_cached_attention(q, k, v, pool, layer, table, positions)
+        got, got_kv = jax.jit(llama._cached_attention, static_argnums=7)(
+            q, k, v, pool, layer, table, positions, "xla")
+        live = [0, 1, 2, 4]
+        np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-6)
+        for a, b in zip(got_kv, want_kv):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_first_prefill_chunks_attend_over_their_own_keys(setup):
+    """A row that starts its sequence attends over the call's own keys (a call of only such
+    rows reads no pages), a row with a later chunk (start > 0) over its pages: both give the
+    numbers of attending over the gathered pages."""
+    cfg = setup[0]
+    pool, table, q, k, v = _pool_and_queries(cfg, B=3, P=4, page_size=4, T=6, seed=0)
+    first = jnp.asarray([list(range(6)), [0, 1, 2, -1, -1, -1], [-1] * 6], jnp.int32)
+    later = first.at[1].set(jnp.asarray([7, 8, 9, -1, -1, -1]))
+    run = jax.jit(llama._cached_attention, static_argnums=7)
+    for positions, rows in ((first, [0]), (first, [1]), (later, [0, 1])):
+        want, want_kv = _reference_cached_attention(q, k, v, pool, 1, table, positions)
+        got, got_kv = run(q, k, v, pool, 1, table, positions, "xla")
+        live = np.asarray(positions)[rows] >= 0
+        np.testing.assert_allclose(np.asarray(got)[rows][live], np.asarray(want)[rows][live],
+                                   rtol=1e-5, atol=1e-6)
+        for a, b in zip(got_kv, want_kv):
+            np.testing.assert_array_equal(a, b)

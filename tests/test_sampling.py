@@ -177,3 +177,29 @@ def test_multiple_stop_strings_earliest_wins():
     assert "".join(_feed(checker, ["a END b\n\n"])) == "a " and checker.matched == "END"
     checker = StopChecker([], set())
     assert "".join(_feed(checker, ["plain ", "text"])) == "plain text" and not checker.stopped
+
+
+def test_argmax_is_jnp_argmax_with_ties_infinities_and_nans():
+    from lmsys.serve.sampling import argmax
+
+    x = _random_logits(6, 40, seed=3)
+    x[1, [4, 9]] = 50.0  # a tie: the lower index
+    x[2] = -np.inf  # all -inf: index 0
+    x[3, [7, 20]] = np.nan  # NaNs: the first one
+    x[4, 39] = np.inf
+    np.testing.assert_array_equal(argmax(x), np.argmax(x, axis=-1))
+    assert list(np.asarray(argmax(x))[1:5]) == [4, 0, 7, 39]
+
+
+def test_logprobs_are_skipped_only_when_no_row_asks():
+    logits_BV = _random_logits(4, 30, seed=5)
+    params = sampling_params([0.0, 1.0, 0.0, 0.5], seed=np.arange(4))
+    full = sample(logits_BV, params, num_top_logprobs=3)
+    none = sample(logits_BV, params, 3, np.zeros(4, bool))
+    one = sample(logits_BV, params, 3, np.array([False, False, True, False]))
+    for out in (none, one):  # the tokens never depend on it
+        np.testing.assert_array_equal(out.tokens_B, full.tokens_B)
+    for a, b in zip(one, full):  # one row asks: every row's log-probs are computed
+        np.testing.assert_array_equal(a, b)
+    for a in none[1:]:
+        assert not np.any(np.asarray(a))

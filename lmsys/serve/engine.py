@@ -43,7 +43,8 @@ D data shards each shard fills its own rows, [g * R, (g+1) * R) of a call of D *
 call computes the output projection only when one of its rows asks for prompt log-probs
 (`echo`; a `lax.cond` inside the one compiled function), else only the KV cache. The
 decode step then runs every request whose next input is a single token (a prompt's last
-token, or the token sampled last). So running decodes never wait for more than one prefill
+token, or the token sampled last); it computes the log-softmax and top log-probs over the
+vocabulary only when one of its rows asks for them (`logprobs`). So running decodes never wait for more than one prefill
 call, of at most `prefill_tokens` tokens per shard, however long the prompts. When a shard runs
 out of pages, its newest running request is preempted: its pages are freed and it goes back to
 the front of the queue, to be recomputed from its prompt plus the tokens it already generated
@@ -347,10 +348,13 @@ class Engine:
         return jax.lax.cond(jnp.any(echo_B), echo, skip, x_BCD), kv
 
     def _decode_fn(self, params, kv, rows, rules):
-        tokens_B, positions_B, page_table_BP, sampling = rows
+        """One token per row; the log-probs (and top alternatives) only when a row of the call
+        asks for them (`logprobs_B`), else zeros."""
+        tokens_B, positions_B, page_table_BP, sampling, logprobs_B = rows
         x_B1D, kv = self._forward(params, kv, tokens_B[:, None], positions_B[:, None],
                                   page_table_BP, rules)
-        return sample(self._logits(params, x_B1D, rules)[:, 0], sampling, MAX_TOP_LOGPROBS), kv
+        logits_BV = self._logits(params, x_B1D, rules)[:, 0]
+        return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 
     # ------------------------------------------------------------------ requests
 
@@ -549,21 +553,27 @@ class Engine:
         table = np.zeros((B, P), np.int32)
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         seed, step = np.zeros(B, np.uint32), np.zeros(B, np.int32)
+        want_logprobs = np.zeros(B, bool)
         rows = self._rows(batch, B)
         for i, r in zip(rows, batch):
             o = r.options
             toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)[:P]
             temp[i], top_k[i], top_p[i] = o.temperature, o.top_k, o.top_p
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
+            want_logprobs[i] = o.logprobs is not None
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
-        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling))
+        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs))
         out = jax.device_get(out)
         self.stats["decode_steps"] += 1
         self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
+        tokens = out.tokens_B.tolist()
         for i, r in zip(rows, batch):
             r.num_computed += 1
-            self._append(r, int(out.tokens_B[i]), float(out.logprobs_B[i]),
-                         {int(t): float(v) for t, v in zip(out.top_tokens_BK[i], out.top_logprobs_BK[i])})
+            if r.options.logprobs is None:
+                self._append(r, tokens[i], 0.0, {})
+            else:
+                self._append(r, tokens[i], float(out.logprobs_B[i]), dict(zip(
+                    out.top_tokens_BK[i].tolist(), out.top_logprobs_BK[i].tolist())))
 
     def _append(self, req: Request, token: int, logprob: float, top: dict[int, float]) -> None:
         """Records a sampled token, applies the stop rules, emits the new text."""
@@ -616,7 +626,8 @@ class Engine:
                 z, table = np.zeros(n, np.int32), np.zeros((n, m), np.int32)
                 sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32),
                                           np.zeros(n, np.uint32), z)
-                _, self.kv = self._decode(self.params, self.kv, (z, z - 1, table, sampling))
+                _, self.kv = self._decode(self.params, self.kv,
+                                          (z, z - 1, table, sampling, np.zeros(n, bool)))
             if bar:
                 bar.update(1)
         if bar:

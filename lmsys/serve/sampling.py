@@ -47,9 +47,18 @@ def sampling_params(temperature=0.0, top_k=0, top_p=1.0, seed=0, step=0) -> Samp
     return SamplingParams(*(jnp.broadcast_to(a, shape) for a in arrays))
 
 
+def argmax(x_XV: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (int32; ties and NaNs: the lowest index), as a max and a
+    min over the indices that reach it: two plain reductions, which XLA:CPU runs ~3x faster
+    than argmax's (value, index) pair reduction over a vocabulary."""
+    is_max_XV = (x_XV == jnp.max(x_XV, axis=-1, keepdims=True)) | jnp.isnan(x_XV)
+    index_V = jnp.arange(x_XV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(is_max_XV, index_V, x_XV.shape[-1] - 1), axis=-1)
+
+
 def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
     """One row: temperature, then top-k, then top-p, then a Gumbel-max draw with the row's key."""
-    greedy_token = jnp.argmax(logits_V).astype(jnp.int32)  # ties -> lowest index
+    greedy_token = argmax(logits_V)
     scaled_V = logits_V / jnp.where(temperature > 0, temperature, 1.0)
     order_V = jnp.argsort(-scaled_V, stable=True)  # descending; ties -> lowest index first
     sorted_V = scaled_V[order_V]
@@ -62,7 +71,7 @@ def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
     sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
     key = jax.random.fold_in(jax.random.key(seed), step)
     gumbel_V = jax.random.gumbel(key, sorted_V.shape, jnp.float32)
-    sampled_token = order_V[jnp.argmax(sorted_V + gumbel_V)].astype(jnp.int32)
+    sampled_token = order_V[argmax(sorted_V + gumbel_V)].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled_token, greedy_token)
 
 
@@ -75,18 +84,35 @@ def _top(logprobs_XV, k: int):
 
 
 @partial(jax.jit, static_argnames="num_top_logprobs")
-def sample(logits_BV, params: SamplingParams, num_top_logprobs: int = 0) -> SampleOutput:
-    """Draws one token per row with that row's parameters; log-probs are of the raw logits."""
+def sample(logits_BV, params: SamplingParams, num_top_logprobs: int = 0,
+           logprobs_B: jax.Array | None = None) -> SampleOutput:
+    """Draws one token per row with that row's parameters; log-probs are of the raw logits.
+
+    logprobs_B: bool [B], the rows whose log-probs are wanted (None: all). When no row of the
+    batch wants them, the log-softmax and top-k over the vocabulary are skipped (a `lax.cond`,
+    one compiled function) and the log-prob outputs are zeros.
+    """
     logits_BV = logits_BV.astype(jnp.float32)
     tokens_B = jax.lax.cond(
         jnp.all(params.temperature <= 0),  # all-greedy batch: skip the per-row vocab sort
-        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+        lambda: argmax(logits_BV),
         lambda: jax.vmap(_sample_row)(logits_BV, *params),
     )
-    logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    logprobs_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    top_tokens_BK, top_logprobs_BK = _top(logprobs_BV, num_top_logprobs)
-    return SampleOutput(tokens_B, logprobs_B, top_tokens_BK, top_logprobs_BK)
+
+    def logprobs(logits_BV, tokens_B):
+        logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+        chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+        return (chosen_B, *_top(logprobs_BV, num_top_logprobs))
+
+    if logprobs_B is None:
+        chosen = logprobs(logits_BV, tokens_B)
+    else:
+        def skip(logits_BV, tokens_B):
+            shapes = jax.eval_shape(logprobs, logits_BV, tokens_B)
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        chosen = jax.lax.cond(jnp.any(logprobs_B), logprobs, skip, logits_BV, tokens_B)
+    return SampleOutput(tokens_B, *chosen)
 
 
 def next_token_logprobs(logits_BTV, targets_BT, num_top: int):
