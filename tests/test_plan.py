@@ -47,7 +47,7 @@ def test_search_llama3_8b_on_8_h100s():
     # what does not fit is left out: plain data parallelism holds 8B x 16 bytes per device
     assert all(p.sizes["data"] < 8 for p in plans)
     text = plan.render_search(plans, 3)
-    assert text.splitlines()[2].split()[1:3] == [k for k in plan.mesh_text(best.sizes).split()][:2]
+    assert text.splitlines()[2].split()[1:3] == plan.mesh_text(best.sizes).split()[:2]
     assert "why: compute-bound" in text or "why: communication-bound" in text
 
 

@@ -22,6 +22,15 @@ from lmsys.models import llama
 from lmsys.parallel.mesh import DEFAULT_RULES, Rules
 
 
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of each compute dtype
+
+
+def per_device(n: int, shards: int) -> int:
+    """A dimension of n split over `shards` devices as the rule table splits it: evenly, or
+    left whole when they do not divide it."""
+    return n // shards if n % shards == 0 else n
+
+
 def zero1_table(table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
     """The rule table of the Adam moments under ZeRO-1: split over `data` as well."""
     return {**table, "embed": ("fsdp", "data")}
@@ -123,7 +132,7 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
     m = cfg.model
     _rules(sizes, None)  # validates the axes and sizes
     g = {a: sizes.get(a, 1) for a in MESH_AXES}
-    item = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    item = ITEMSIZE[cfg.dtype]
     rows = g["expert"] * g["data"] * g["fsdp"]
     if cfg.batch_size % rows or cfg.seq_len % g["sequence"] or m.n_layers % g["stage"]:
         raise ValueError(f"batch_size {cfg.batch_size}, seq_len {cfg.seq_len} and n_layers {m.n_layers} "
@@ -154,7 +163,7 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
         out["tensor activations"] = (4 * layers + 2) * 2 * ring(t) * a
     s = g["sequence"]
     if s > 1:
-        kv = m.n_kv_heads // t if m.n_kv_heads % t == 0 else m.n_kv_heads
+        kv = per_device(m.n_kv_heads, t)
         c = b_loc * t_loc * kv * m.head_dim * item
         out["sequence K/V"] = layers * 4 * (s - 1) * c  # ring and allgather alike
     p = g["stage"]
@@ -206,10 +215,8 @@ def activation_bytes_per_device(model, *, batch: int, seq_len: int, sequence: in
         raise ValueError(f"sequence, batch_shards and tensor must be >= 1, got {sequence}, "
                          f"{batch_shards}, {tensor}")
     m = model
-    N = m.n_heads // tensor if m.n_heads % tensor == 0 else m.n_heads
-    K = m.n_kv_heads // tensor if m.n_kv_heads % tensor == 0 else m.n_kv_heads
-    F = m.d_ff // tensor if m.d_ff % tensor == 0 else m.d_ff
-    V = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
+    N, K = per_device(m.n_heads, tensor), per_device(m.n_kv_heads, tensor)
+    F, V = per_device(m.d_ff, tensor), per_device(m.vocab_size, tensor)
     D, H, n = m.d_model, m.head_dim, sequence
     rows = batch / batch_shards
     tokens = rows * seq_len / n
@@ -255,13 +262,10 @@ def train_memory_per_device(cfg, sizes: dict[str, int], *, flash: bool = True) -
     - `logits`: float32 logits, their softmax and gradient for the positions one loss chunk
       holds (b x loss_chunk, or all b x t): 3 x V' x 4 per position.
     """
-    from lmsys.config import DTYPES as _  # noqa: F401  (config validated by the caller)
-
     m = cfg.model
     g = {a: sizes.get(a, 1) for a in MESH_AXES}
-    item = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
-    t_ = g["tensor"]
-    split = lambda n: n // t_ if n % t_ == 0 else n  # noqa: E731  (what the rule table does)
+    item = ITEMSIZE[cfg.dtype]
+    split = lambda n: per_device(n, g["tensor"])  # noqa: E731
     D, H = m.d_model, m.head_dim
     NH, KH = split(m.n_heads) * H, split(m.n_kv_heads) * H
     F = split(m.moe_d_ff * m.experts_per_token if m.n_experts else m.d_ff)

@@ -77,12 +77,17 @@ class Module:
     entry: str
     _by_name: dict[str, dict[str, Instruction]] = field(default_factory=dict, repr=False)
 
-    def instruction(self, computation: str, name: str) -> Instruction:
+    def find(self, computation: str, name: str) -> Instruction | None:
+        """The instruction `name` of `computation`; None if there is none."""
         if computation not in self._by_name:
-            self._by_name[computation] = {ins.name: ins for ins in self.computations[computation]}
-        if name not in self._by_name[computation]:
+            self._by_name[computation] = {ins.name: ins for ins in self.computations.get(computation, ())}
+        return self._by_name[computation].get(name)
+
+    def instruction(self, computation: str, name: str) -> Instruction:
+        ins = self.find(computation, name)
+        if ins is None:
             raise ValueError(f"HLO computation {computation!r} defines no instruction {name!r}")
-        return self._by_name[computation][name]
+        return ins
 
     def operand_type(self, computation: str, ins: Instruction, i: int) -> str:
         """The type of `ins`'s i-th operand: written next to it, or that of its definition."""
@@ -145,8 +150,7 @@ def parse(hlo_text: str) -> Module:
 
 
 def _scalar_constant(module: Module, comp: str, name: str) -> int | None:
-    ins = module._by_name.get(comp, {}).get(name) or next(
-        (i for i in module.computations.get(comp, ()) if i.name == name), None)
+    ins = module.find(comp, name)
     if ins is not None and ins.op == "constant" and re.match(r"[su]\d+\[\]", ins.type):
         return int(ins.operands[0])
     return None
@@ -154,7 +158,7 @@ def _scalar_constant(module: Module, comp: str, name: str) -> int | None:
 
 def _tuple_index(module: Module, comp: str, name: str) -> int | None:
     """k when `name` is `get-tuple-element(param), index=k` in `comp`."""
-    ins = next((i for i in module.computations.get(comp, ()) if i.name == name), None)
+    ins = module.find(comp, name)
     m = re.search(r"\bindex=(\d+)", ins.attrs) if ins is not None and ins.op == "get-tuple-element" else None
     return int(m.group(1)) if m else None
 
@@ -177,14 +181,14 @@ def _trip_count(module: Module, caller: str, loop: Instruction, cond: str | None
     step, start = 1, 0
     body_root = next((ins for ins in module.computations.get(body, ()) if ins.is_root), None)
     if k is not None and body_root is not None and body_root.op == "tuple" and k < len(body_root.operands):
-        upd = next((i for i in module.computations[body] if i.name == body_root.operand_name(k)), None)
+        upd = module.find(body, body_root.operand_name(k))
         if upd is not None and upd.op == "add" and len(upd.operands) == 2:
             for a, b in ((0, 1), (1, 0)):
                 c = _scalar_constant(module, body, upd.operand_name(b))
                 if c is not None and _tuple_index(module, body, upd.operand_name(a)) == k and c > 0:
                     step = c
     if k is not None and loop.operands:
-        init = next((i for i in module.computations[caller] if i.name == loop.operand_name(0)), None)
+        init = module.find(caller, loop.operand_name(0))
         if init is not None and init.op == "tuple" and k < len(init.operands):
             start = _scalar_constant(module, caller, init.operand_name(k)) or 0
     return max(0, -(-(bound - start) // step))

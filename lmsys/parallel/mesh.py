@@ -7,9 +7,8 @@ change of `mesh.*` sizes, never of model code.
 
 from __future__ import annotations
 
-import dataclasses
-
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
@@ -187,9 +186,8 @@ class Rules:
         """These rules for code running inside a `jax.shard_map` that is manual over the mesh
         axes `axes` (call it inside the body): the table no longer names them (each shard holds
         its local block) and shardings refer to the current, partly manual mesh."""
-        table = {k: tuple(a for a in v if a not in axes) for k, v in self.table.items()}
-        return Rules(jax.sharding.get_abstract_mesh(), table, self.sequence_method, self.pipeline,
-                     self.sequence_load_balance, self.backend)
+        return dataclasses.replace(self.without(axes), mesh=jax.sharding.get_abstract_mesh(),
+                                   platform=self.backend)
 
     def without(self, axes: Collection[str]) -> Rules:
         """These rules with the mesh axes `axes` taken out of every logical axis: an array

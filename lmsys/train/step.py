@@ -122,8 +122,8 @@ def _chunked_bwd(chunk, rules, residuals, cotangents):
 
 def _sum_shards(dw_SDV, rules: Rules):
     """The sum over the leading per-batch-shard axis, laid out as the parameter (`embed` over
-    fsdp): a psum over the other batch axes and a psum_scatter over fsdp, written out so the
-    partitioner cannot make it an all-reduce of the whole matrix and a slice."""
+    fsdp): a psum over the other batch axes and an explicit psum_scatter over fsdp (XLA:CPU
+    keeps it a reduce-scatter; the v5p compile of BENCHMARKS.md still all-reduces it)."""
     axes = tuple(a for a in rules.table["batch"] if rules.mesh.shape[a] > 1)
     out_spec = rules.spec(("embed", "vocab"), dw_SDV.shape[1:])
     if not axes:
