@@ -153,15 +153,14 @@ def _plan(args) -> int:
     from lmsys.config import load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
-    if args.topology and args.search:
-        raise planner.PlanError("use --search without --topology, then check its best plan with --topology")
     if args.topology:
         if args.devices is not None:
             raise planner.PlanError("--devices comes from --topology (its chips); leave it out")
         hw = args.hardware or args.topology.split(":")[0]
         if hw not in planner.HARDWARE:
             raise planner.PlanError(f"no datasheet figures for {hw!r} (from --topology); pass --hardware")
-        plans = [planner.plan_topology(cfg, args.topology, hw)]
+        plans = (planner.search_topology(cfg, args.topology, hw) if args.search
+                 else [planner.plan_topology(cfg, args.topology, hw)])
     else:
         devices = args.devices or 1
         hw = args.hardware or "h100"
@@ -234,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a TPU topology, e.g. v5p:4x4x4 (chips): also compile the train step for it "
                         "ahead of time on this machine (needs the `tpu` extra) and print both")
     p.add_argument("--search", action="store_true", help="rank data x fsdp x tensor meshes and remat "
-                                                          "policies that fit, best first")
+                                                          "policies that fit, best first (with --topology: "
+                                                          "compile the best ones until one fits)")
     p.add_argument("--top", type=int, default=5, help="--search: plans to print")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)

@@ -84,7 +84,9 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.total_memory <= USABLE * self.hardware.memory
+        """By the compiler's figure when the step was compiled, else by the analytical one."""
+        total = self.compiled["total"] if self.compiled else self.total_memory
+        return total <= USABLE * self.hardware.memory
 
     @property
     def compute_time(self) -> float:
@@ -194,11 +196,8 @@ def tpu_devices(topology: str) -> list:
 def aot_compile(cfg: Config, devices) -> tuple:
     """Compiles `cfg`'s train step for a mesh of `devices` (the first ones it needs; TPU
     topology devices compile ahead of time) without allocating arrays: (compiled, sizes)."""
-    import numpy as np
-    from jax.sharding import AxisType, Mesh
-
     from lmsys.parallel import Rules
-    from lmsys.parallel.mesh import mesh_shape
+    from lmsys.parallel.mesh import build_mesh
     from lmsys.train.step import Trainer
 
     devices = list(devices)
@@ -206,11 +205,9 @@ def aot_compile(cfg: Config, devices) -> tuple:
         getattr(cfg.mesh, a) for a in MESH_AXES)
     if n > len(devices):
         raise PlanError(f"the mesh needs {n} devices, {len(devices)} given")
-    sizes = mesh_shape(cfg.mesh, n)
-    # not build_mesh: these may be TPU topology devices, not jax.devices()
-    mesh = Mesh(np.asarray(devices[:n]).reshape(tuple(sizes[a] for a in MESH_AXES)), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = build_mesh(cfg.mesh, devices[:n])
     trainer = Trainer(cfg, Rules(mesh))
+    sizes = dict(mesh.shape)
     return trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile(), sizes
 
 
@@ -276,6 +273,28 @@ def search(cfg: Config, devices: int, hardware: str, *, max_tensor: int = 8) -> 
     return sorted(plans, key=lambda p: (round(p.step_time, 4), p.total_memory))
 
 
+def search_topology(cfg: Config, topology: str, hardware: str | None = None, *,
+                    confirm: int = 3) -> list[Plan]:
+    """`search` for every chip of a TPU topology, its answer confirmed by the TPU compiler: the
+    best plans are compiled ahead of time in order until one fits by its compiled memory (a
+    plan the compiler says does not fit is dropped); PlanError when none of the best `confirm`
+    does. The first plan of a non-empty result carries `compiled`."""
+    devices = tpu_devices(topology)
+    plans = search(cfg, len(devices), hardware or topology.split(":")[0])
+    for plan in plans[:confirm]:
+        compiled, _ = aot_compile(plan.cfg, devices)
+        plan.compiled = compiled_figures(compiled, len(devices))
+        if plan.fits:
+            return [p for p in plans if p.fits]
+    if plans:
+        tried = ", ".join(f"{mesh_text(p.sizes)} remat {p.cfg.remat}: {_gb(p.compiled['total'])} GB"
+                          for p in plans[:confirm])
+        raise PlanError(f"the TPU compiler needs more than {USABLE:.0%} of "
+                        f"{plans[0].hardware.memory / 1e9:.0f} GB per device for each of the best "
+                        f"{min(confirm, len(plans))} plans ({tried}); use more chips, a smaller batch or seq_len")
+    return plans
+
+
 def why(plan: Plan, best: Plan | None = None) -> str:
     """One line on what bounds this plan and how it compares with the best."""
     bound = "compute-bound" if plan.compute_time >= plan.comm_time else "communication-bound"
@@ -329,11 +348,12 @@ def render(plan: Plan) -> str:
             if comp["collective_count"][k]:
                 lines.append(f"  {k:<38}{_gb(comp['collective_result'][k]):>10}"
                              f"{_gb(comp['collective_wire'][k]):>10}{comp['collective_count'][k]:>8}")
-        wire = sum(comp["collective_wire"].values())
-        lines.append(f"  {'= total':<38}{_gb(sum(comp['collective_result'].values())):>10}{_gb(wire):>10}")
+        result, wire = sum(comp["collective_result"].values()), sum(comp["collective_wire"].values())
+        lines.append(f"  {'= total':<38}{_gb(result):>10}{_gb(wire):>10}")
         minimum = sum(plan.collectives.values())
         if minimum:
-            lines.append(f"  compiled wire / analytical minimum = {wire / minimum:.2f}")
+            lines.append(f"  compiled / analytical minimum: {result / minimum:.2f}x result bytes, "
+                         f"{wire / minimum:.2f}x wire bytes")
     lines += ["", f"matmul TFLOP per device per step: {plan.flops / 1e12:.1f} analytical"
               + (f", {comp['matmul_flops'] / 1e12:.1f} compiled (loop-weighted HLO count"
                  + (f"; {sum(comp['opaque_kernels'].values())} kernel calls of unstated FLOPs: "
@@ -352,11 +372,15 @@ def render_search(plans: list[Plan], top: int) -> str:
         return "no mesh and remat policy fits; use more devices, a smaller batch or seq_len, or bfloat16"
     best = plans[0]
     lines = [f"{len(plans)} plans fit; the best {min(top, len(plans))}, fastest first:",
-             f"{'#':>3}  {'mesh':<28}{'remat':<11}{'GB/device':>10}{'step ms':>9}{'MFU':>6}"]
+             f"{'#':>3}  {'mesh':<28}{'remat':<11}{'GB/device':>10}{'compiled':>10}{'step ms':>9}{'MFU':>6}"]
     for i, p in enumerate(plans[:top], 1):
+        compiled = _gb(p.compiled["total"]) if p.compiled else "-"
         lines.append(f"{i:>3}  {mesh_text(p.sizes):<28}{p.cfg.remat:<11}{_gb(p.total_memory):>10}"
-                     f"{p.step_time * 1e3:>9.0f}{p.mfu:>6.0%}")
+                     f"{compiled:>10}{p.step_time * 1e3:>9.0f}{p.mfu:>6.0%}")
         lines.append(f"     why: {why(p, best)}")
+    if best.compiled:
+        lines.append(f"\nconfirmed by the TPU compiler: plan 1 needs {_gb(best.compiled['total'])} GB per "
+                     f"device compiled, {USABLE:.0%} of {best.hardware.memory / 1e9:.0f} GB usable")
     keys = " ".join(f"mesh.{a}={n}" for a, n in best.sizes.items() if n > 1)
     lines.append(f"\nrun the best: lmsys train CONFIG {keys} remat={best.cfg.remat}")
     return "\n".join(lines)

@@ -264,3 +264,8 @@ def test_trip_count_follows_the_counter_step():
     assert collective_bytes(STEP2.replace("constant(2)", "constant(1)"), 2).count["collective-permute"] == 16
     assert collective_bytes(STEP2.replace("%zero = u32[] constant(0)", "%zero = u32[] constant(4)"),
                             2).count["collective-permute"] == 6
+    # the `--xla_dump_to` files write tuple elements inline (`%p#0`), with no get-tuple-element
+    inline = STEP2.replace("  %i = u32[] get-tuple-element(%p), index=0\n", "").replace("%i,", "%p#0,")
+    inline = inline.replace("  %x = f32[4]{0} get-tuple-element(%p), index=1\n", "").replace("(%x)", "(%p#1)")
+    assert "get-tuple-element" not in inline
+    assert collective_bytes(inline, 2).count["collective-permute"] == 8

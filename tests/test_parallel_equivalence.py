@@ -35,8 +35,8 @@ EXPECTED = {
 }
 
 
-def _run(name):
-    cfg = tiny_config(MESHES[name])
+def _run(name, **over):
+    cfg = tiny_config(MESHES[name], **over)
     devices = jax.devices()[:1] if name == "1dev" else None
     trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh, devices)))
     state = trainer.init(cfg.seed)
@@ -76,6 +76,40 @@ def test_same_losses_grads_and_shardings(name, reference):
     assert adam.mu["layers"]["wq"].sharding.spec == want["wq"]
     assert adam.nu["embed"].sharding.spec == want["embed"]
     assert batch["tokens"].sharding.spec == want["batch"]
+
+
+@pytest.mark.parametrize("name,tied", [("1dev", True), ("fsdp8", True), ("fsdp8", False), ("d2f2t2", True)])
+def test_chunked_loss_remat_gathers_and_lookup_train_the_same(name, tied, reference):
+    """loss_chunk (cross-entropy 8 positions at a time, its gradients made in the same pass),
+    remat=full (under fsdp each layer's weights gathered once per pass, the gradient
+    reduce-scattered by a custom VJP) and the embedding lookup by all-to-all: the losses and
+    gradients of one device with none of them. Untied, the lookup's and the head's gradients
+    land in different tensors."""
+    if tied:
+        ref_losses, ref_grads = reference[3], reference[4]
+    else:
+        _, _, _, ref_losses, ref_grads = _run("1dev", model={"tie_embeddings": False})
+    _, _, _, losses, grads = _run(name, loss_chunk=8, remat="full", model={"tie_embeddings": tied})
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
+        assert np.linalg.norm(g - ref) <= 1e-5 * np.linalg.norm(ref), jax.tree_util.keystr(path)
+
+
+def test_chunked_loss_sums_scales_its_gradient_by_the_cotangent():
+    """chunked_loss_sums makes its gradients for a unit cotangent in the forward pass and scales
+    them in the backward: any cotangent gives loss_sums' gradients (float32, 4 chunks)."""
+    from lmsys.train.step import chunked_loss_sums, loss_sums
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(2, 16, 8)).astype(np.float32), rng.normal(size=(8, 32)).astype(np.float32)
+    targets, mask = rng.integers(0, 32, (2, 16)), (rng.random((2, 16)) > 0.2).astype(np.float32)
+    rules = Rules(build_mesh(tiny_config().mesh, jax.devices()[:1]))
+    chunked = lambda x, w: 0.37 * chunked_loss_sums(x, w, targets, mask, 4, rules)[0]  # noqa: E731
+    whole = lambda x, w: 0.37 * loss_sums(x @ w, targets, mask)[0]  # noqa: E731
+    np.testing.assert_allclose(chunked(x, w), whole(x, w), rtol=1e-6)
+    for got, want in zip(jax.grad(chunked, (0, 1))(x, w), jax.grad(whole, (0, 1))(x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_accumulation_equals_one_big_batch():

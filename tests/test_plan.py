@@ -84,13 +84,11 @@ def _compare(p: plan.Plan):
     assert got["unknown_trip_counts"] == 0
     assert p.arguments == pytest.approx(got["arguments"], rel=0.02)
     assert p.total_memory == pytest.approx(got["total"], rel=0.2), (p.memory, got)
-    ratio = sum(got["collective_wire"].values()) / sum(p.collectives.values())
-    if got["collective_count"]["all-gather"] == 0 and got["collective_count"]["collective-permute"] == 0:
-        # On v5p:4x4x4 the TPU compiler (libtpu 0.0.42 and 0.0.50.1 alike) lowers the fsdp
-        # all-gathers as all-reduces of zero-padded shards (twice the wire bytes; result bytes
-        # equal to the gathers'); on 2x4x4 it gathers, and the same program is 1.02x.
-        pytest.xfail(f"the TPU compiler all-reduces instead of all-gathering: {ratio:.2f}x the minimum")
-    assert ratio <= 1.2, (got["collective_wire"], p.collectives)
+    # Collective bytes of every kind, each op's result bytes (the measure of the MaxText figures
+    # in BENCHMARKS.md). On v5p:4x4x4 and 8x8x4 the TPU compiler lowers the fsdp all-gathers as
+    # all-reduces of zero-padded shards: equal result bytes, twice the ring's wire bytes.
+    ratio = sum(got["collective_result"].values()) / sum(p.collectives.values())
+    assert 1.0 <= ratio <= 1.2, (got["collective_result"], p.collectives)
 
 
 @needs_libtpu
@@ -102,6 +100,35 @@ def test_tpu_aot_8b_on_v5p_4x4x4_matches_the_analytical_model():
 @pytest.mark.slow
 def test_tpu_aot_70b_on_v5p_8x8x4_matches_the_analytical_model():
     _compare(plan.plan_topology(big("70b", 256), "v5p:8x8x4"))
+
+
+@needs_libtpu
+def test_search_on_a_tpu_topology_is_confirmed_by_the_compiler(capsys):
+    cfg = load_config(RECIPE, ["batch_size=16"])
+    plans = plan.search_topology(cfg, "v5p:2x2x2")
+    best = plans[0]
+    assert best.compiled and best.compiled["total"] <= plan.USABLE * 95e9 and best.devices == 8
+    assert best.arguments == pytest.approx(best.compiled["arguments"], rel=0.02)
+    assert all(p.compiled is None for p in plans[1:])  # the compiler confirmed the first it tried
+    text = plan.render_search(plans, 2)
+    assert f"confirmed by the TPU compiler: plan 1 needs {best.compiled['total'] / 1e9:.2f} GB" in text
+
+
+def test_search_on_a_topology_drops_what_the_compiler_refuses(monkeypatch):
+    """The compiler's word over the analytical model's: plans whose compiled memory does not fit
+    are dropped, and when none of the best `confirm` fits the error names them."""
+    compiled = iter([130e9, 80e9, 120e9, 140e9])  # GB per device, as the compiler would say
+    monkeypatch.setattr(plan, "tpu_devices", lambda topology: list(range(8)))
+    monkeypatch.setattr(plan, "aot_compile", lambda cfg, devices: (None, None))
+    monkeypatch.setattr(plan, "compiled_figures", lambda c, n: {"total": next(compiled)})
+    cfg = load_config(RECIPE, ["batch_size=16"])
+    analytical = plan.search(cfg, 8, "v5p")
+    plans = plan.search_topology(cfg, "v5p:2x2x2")
+    assert plans[0].compiled == {"total": 80e9} and plans[0].sizes == analytical[1].sizes
+    assert len(plans) == len(analytical) - 1
+    with pytest.raises(plan.PlanError, match=r"the TPU compiler needs more than 90% of 95 GB per device "
+                                             r"for each of the best 2 plans \(fsdp 8 remat selective: 120.00 GB"):
+        plan.search_topology(cfg, "v5p:2x2x2", confirm=2)
 
 
 @needs_libtpu

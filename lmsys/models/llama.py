@@ -12,6 +12,7 @@ the axes into shardings.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -401,6 +402,24 @@ def fsdp_gather(w, rules, axes):
     return gather(w)
 
 
+def embed_lookup(embed_VD, tokens_BT, rules=None):
+    """The rows of the table for `tokens_BT`, laid out [batch, seq, d_model] like the activations.
+
+    With the table's d_model split over `fsdp` (ZeRO-3), the table never moves: the token ids are
+    all-gathered over fsdp (4 bytes a token), each device looks up every row of its fsdp group
+    in its own d_model slice, and an all-to-all hands each device its batch rows whole. The
+    gradient takes the same way back and lands in the table's own slice with no reduce-scatter
+    (gathering the table instead costs the whole table in each direction).
+    """
+    if rules is None or rules.mesh.shape.get("fsdp", 1) == 1:
+        return _constrain(rules, embed_VD[tokens_BT], ("batch", "seq", None))
+    group = dataclasses.replace(rules, table={**rules.table, "batch": tuple(
+        a for a in rules.table["batch"] if a != "fsdp")})
+    tokens_BT = group.constrain(tokens_BT, ("batch", "seq"))
+    x_BTD = group.constrain(embed_VD[tokens_BT], ("batch", "seq", "embed"))
+    return rules.constrain(x_BTD, ("batch", "seq", None))
+
+
 def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
            page_table_BP, gather: bool = False):
     """One decoder block; `kv` is the (k, v) page pool of all layers, or None. Returns
@@ -479,13 +498,7 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
       states [batch, seq, d_model] in the compute dtype, which `unembed` turns into the logits.
     """
     inv_freq = rope_frequencies(cfg)
-    # Gather the table's FSDP shards before the lookup (a gather from an fsdp-split model dim
-    # would be replicated whole by the partitioner); vocab stays split over `tensor`.
-    embed_VD = params["embed"].astype(dtype)
-    if rules is not None:
-        embed_VD = fsdp_gather(embed_VD, rules, ("vocab", "embed"))
-    x_BTD = embed_VD[tokens_BT]
-    x_BTD = _constrain(rules, x_BTD, ("batch", "seq", None))
+    x_BTD = embed_lookup(params["embed"].astype(dtype), tokens_BT, rules)
     page_table_BP = None if cache is None else cache["page_table"]
 
     # Under remat, gather each layer's fsdp shards explicitly once per pass (without remat the

@@ -106,10 +106,16 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
       parameters all-gathered once per pass that uses them — the forward, and the backward
       (under remat the recomputed forward and the backward run in the same pass and share one
       gather: lmsys gathers a layer explicitly, in the compute dtype, inside the rematerialized
-      layer) — and its gradients reduce-scattered once; the embedding and output projection are
-      gathered once (kept for the backward) and their gradients reduce-scattered once:
-      grad_accum x (f-1)/f x (3 x P_layers + 2 x P_rest) in the compute dtype (under remat;
-      without remat the layers are gathered as stored, float32, and the partitioner decides).
+      layer) — and its gradients reduce-scattered once; the output projection is gathered once
+      (kept for the backward) and its gradient reduce-scattered once: grad_accum x (f-1)/f x
+      (3 x P_layers + 2 x P_head) in the compute dtype (under remat; without remat the layers are
+      gathered as stored, float32, and the partitioner decides). P_head is the unembedding and
+      final norm (with tied embeddings the table is the head).
+    - `embedding all-to-all` (fsdp = f): the table stays in its d_model shards; the token ids
+      are all-gathered over fsdp, each device looks up its group's rows in its own slice, and an
+      all-to-all hands each device its rows whole (llama.embed_lookup); the gradient goes back by
+      the transposed all-to-all: (f-1)/f x (2 x B_loc x T_loc x d_model x itemsize + f x B_loc x
+      T_loc x 4 bytes of int32 ids).
     - `tensor activations` (Megatron over tensor = t): per layer 2 all-reduces forward (after
       attention's and the MLP's row-parallel matmuls) and 2 backward (the input gradients of
       the column-parallel matmuls), plus 1 for the vocab-parallel embedding lookup (forward)
@@ -153,10 +159,12 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
         out["grad all-reduce"] = grad
     f = g["fsdp"]
     if f > 1:
-        p_layers = param_bytes_per_device(m, compute)["layers"]
+        groups = param_bytes_per_device(m, compute)
+        p_head = p_t - groups["layers"] - (0 if m.tie_embeddings else groups["embed"])
         layer_item = item if cfg.remat != "none" else 4
         out["fsdp gather+scatter"] = cfg.grad_accum * ring(f) * (
-            3 * p_layers * layer_item / 4 + 2 * (p_t - p_layers) * item / 4)
+            3 * groups["layers"] * layer_item / 4 + 2 * p_head * item / 4)
+        out["embedding all-to-all"] = ring(f) * (2 * b_loc * t_loc * m.d_model * item + f * b_loc * t_loc * 4)
     t = g["tensor"]
     if t > 1:
         a = b_loc * t_loc * m.d_model * item

@@ -157,7 +157,11 @@ def _scalar_constant(module: Module, comp: str, name: str) -> int | None:
 
 
 def _tuple_index(module: Module, comp: str, name: str) -> int | None:
-    """k when `name` is `get-tuple-element(param), index=k` in `comp`."""
+    """k when `name` is `get-tuple-element(param), index=k` in `comp`, or `param#k` (the
+    `--xla_dump_to` files' dialect writes tuple elements inline, with no get-tuple-element)."""
+    base, _, k = name.rpartition("#")
+    if base and k.isdigit():
+        return int(k)
     ins = module.find(comp, name)
     m = re.search(r"\bindex=(\d+)", ins.attrs) if ins is not None and ins.op == "get-tuple-element" else None
     return int(m.group(1)) if m else None

@@ -108,9 +108,11 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     types = (AxisType.Auto,) * len(MESH_AXES)
     if math.prod(dcn.values()) == 1:
         shape = tuple(ici[a] for a in MESH_AXES)
-        if len(devices) == len(jax.devices()):
-            return jax.make_mesh(shape, MESH_AXES, axis_types=types)
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+        try:  # TPU: an order in which each axis' groups are rings in the torus (as jax.make_mesh)
+            array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):  # e.g. part of a TPU slice
+            array = np.asarray(devices).reshape(shape)
+        return Mesh(array, MESH_AXES, axis_types=types)
     return Mesh(hybrid_devices(ici, dcn, devices), MESH_AXES, axis_types=types)
 
 

@@ -67,15 +67,23 @@ def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def chunked_loss_sums(x_BTD, w_DV, targets_BT, mask_BT, chunk: int, rules: Rules):
     """`loss_sums(x_BTD @ w_DV, ...)` with the [batch, chunk, vocab] logits made one chunk of
-    positions at a time, in the forward and again in the backward, so the whole
-    [batch, seq, vocab] logits never exist. The backward accumulates the projection's gradient
-    over the chunks in float32 in w's layout and returns it once (under fsdp: one reduce-scatter
-    after the loop, not one per chunk)."""
-    return _chunked_fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, rules)[0]
+    positions at a time, so the whole [batch, seq, vocab] logits never exist. Differentiated,
+    the same pass over the chunks also makes the gradients for a unit cotangent (the loss sum
+    is linear in each chunk's logit gradient), so no logits are made twice: the input's
+    gradient is kept per chunk and the projection's accumulated over the chunks in float32 per
+    batch shard, then summed once (under fsdp: one reduce-scatter after the loop); the backward
+    only scales them."""
+    def one(sums, xs):
+        x_BcD, t_Bc, m_Bc = xs
+        return jax.tree.map(jnp.add, sums, loss_sums(_chunk_logits(x_BcD, w_DV, rules), t_Bc, m_Bc)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(one, (zero, zero), _chunks_of(x_BTD, targets_BT, mask_BT, chunk))[0]
 
 
-def _chunks(a, chunk):  # [B, T, ...] -> [T/chunk, B, chunk, ...]
-    return jnp.swapaxes(a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]), 0, 1)
+def _chunks_of(x_BTD, targets_BT, mask_BT, chunk):  # [B, T, ...] -> [T/chunk, B, chunk, ...]
+    return tuple(jnp.swapaxes(a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]), 0, 1)
+                 for a in (x_BTD, targets_BT, mask_BT))
 
 
 def _chunk_logits(x_BcD, w_DV, rules):
@@ -84,40 +92,38 @@ def _chunk_logits(x_BcD, w_DV, rules):
 
 
 def _chunked_fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, rules):
-    def one(sums, xs):
-        x_BcD, t_Bc, m_Bc = xs
-        return jax.tree.map(jnp.add, sums, loss_sums(_chunk_logits(x_BcD, w_DV, rules), t_Bc, m_Bc)), None
-
-    zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(one, (zero, zero), (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk),
-                                               _chunks(mask_BT, chunk)))
-    return sums, (x_BTD, w_DV, targets_BT, mask_BT)
-
-
-def _chunked_bwd(chunk, rules, residuals, cotangents):
-    x_BTD, w_DV, targets_BT, mask_BT = residuals
-    g_loss = cotangents[0]  # the token count has no gradient
     # The projection's gradient is summed over the chunks per batch shard first (a leading axis
     # of one partial sum per shard, split like the batch: no communication in the loop), then
     # over the shards once, which the partitioner does as one reduce-scatter over fsdp.
     shards = rules.batch_size_divisor
     per_shard = lambda a: a.reshape(shards, a.shape[0] // shards, *a.shape[1:])  # noqa: E731
 
-    def one(dw_SDV, xs):
+    def one(carry, xs):
+        sums, dw_SDV = carry
         x_BcD, t_Bc, m_Bc = xs
         logits = _chunk_logits(x_BcD, w_DV, rules)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+        sums = (sums[0] + jnp.sum((logz - target_logit) * m_Bc), sums[1] + jnp.sum(m_Bc))
         onehot = jax.nn.one_hot(t_Bc, logits.shape[-1], dtype=jnp.float32)
-        dlogits = (jax.nn.softmax(logits, axis=-1) - onehot) * (g_loss * m_Bc)[..., None]
+        dlogits = (jnp.exp(logits - logz[..., None]) - onehot) * m_Bc[..., None]
         dx_BcD = jnp.einsum("btv,dv->btd", dlogits.astype(w_DV.dtype), w_DV).astype(x_BcD.dtype)
         dw_SDV = dw_SDV + jnp.einsum("sbtd,sbtv->sdv", per_shard(x_BcD), per_shard(dlogits.astype(x_BcD.dtype)),
                                      preferred_element_type=jnp.float32)
-        return rules.constrain(dw_SDV, ("batch", None, "vocab")), dx_BcD
+        return (sums, rules.constrain(dw_SDV, ("batch", None, "vocab"))), dx_BcD
 
+    zero = jnp.zeros((), jnp.float32)
     dw0 = rules.constrain(jnp.zeros((shards, *w_DV.shape), jnp.float32), ("batch", None, "vocab"))
-    dw_SDV, dx_CBcD = jax.lax.scan(one, dw0, (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk),
-                                              _chunks(mask_BT, chunk)))
+    (sums, dw_SDV), dx_CBcD = jax.lax.scan(one, ((zero, zero), dw0),
+                                           _chunks_of(x_BTD, targets_BT, mask_BT, chunk))
     dx_BTD = jnp.swapaxes(dx_CBcD, 0, 1).reshape(x_BTD.shape)
-    return dx_BTD, _sum_shards(dw_SDV, rules).astype(w_DV.dtype), None, None
+    return sums, (dx_BTD, _sum_shards(dw_SDV, rules).astype(w_DV.dtype))
+
+
+def _chunked_bwd(chunk, rules, residuals, cotangents):
+    g_loss = cotangents[0]  # the token count has no gradient
+    scale = lambda d: (g_loss * d.astype(jnp.float32)).astype(d.dtype)  # noqa: E731
+    return (*map(scale, residuals), None, None)
 
 
 def _sum_shards(dw_SDV, rules: Rules):
