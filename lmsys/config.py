@@ -460,8 +460,6 @@ def check_moe(cfg: Config) -> None:
     t = cfg.mesh.tensor
     _check(t <= 1 or (m.moe_d_ff or m.d_ff) % t == 0, "model.moe_d_ff", m.moe_d_ff or m.d_ff,
            f"must be divisible by mesh.tensor ({t})")
-    _check(axis_size(cfg.mesh, "stage") <= 1, "mesh.stage", axis_size(cfg.mesh, "stage"),
-           "pipeline parallelism does not carry the MoE router losses yet; use mesh.stage=1 with model.n_experts > 0")
     if e > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
         check_experts(cfg, e)
 

@@ -1,7 +1,7 @@
 """Mixture of experts (lmsys.models.llama.moe_mlp) and expert parallelism over `mesh.expert`,
 8 emulated CPU devices, float32: the MoE MLP equals a per-token numpy reference (top-k routing,
-capacity, shared experts, router losses); expert=2/4/8, alone and with fsdp/tensor, give the loss,
-router losses and gradients of one device; expert=4 holds a quarter of the expert weights per
+capacity, shared experts, router losses); expert=2/4/8, alone and with fsdp/tensor or pipeline
+stages, give the loss, router losses and gradients of one device; expert=4 holds a quarter of the expert weights per
 device; misconfigurations fail with a message naming the key."""
 
 import dataclasses
@@ -75,7 +75,8 @@ def test_moe_mlp_matches_a_numpy_reference(capacity_factor, capacity):
     keys = jax.random.split(jax.random.key(0), len(specs) + 1)
     lp = {name: 0.5 * jax.random.normal(k, s.shape[1:]) for k, (name, s) in zip(keys, specs.items())}
     h = jax.random.normal(keys[-1], (3, 12, 16))
-    out, losses = jax.jit(lambda h, lp: llama.moe_mlp(h, lp, cfg=cfg))(h, lp)
+    out, stats = jax.jit(lambda h, lp: llama.moe_mlp(h, lp, cfg=cfg))(h, lp)
+    losses = llama.router_losses(stats, cfg)
     lp_np = {k: np.asarray(v, np.float64) for k, v in lp.items()}
     ref_out, ref_losses = _numpy_moe(np.asarray(h, np.float64), lp_np, cfg, capacity)
     np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)
@@ -109,6 +110,11 @@ COMBOS = {
     "expert8": ({"expert": 8, "fsdp": 1}, {}),
     "expert2-fsdp2-tensor2": ({"expert": 2, "fsdp": 2, "tensor": 2}, {}),
     "expert2-data2-accum2": ({"expert": 2, "data": 2, "fsdp": 1}, {"grad_accum": 2}),
+    # pipelined: each layer's router statistics add up over the microbatches (one device's
+    # losses without accumulation), also when circular stages take the layers out of order
+    "stage2-expert2": ({"stage": 2, "expert": 2, "fsdp": 1}, {}),
+    "stage2-circular-expert2-data2": ({"stage": 2, "expert": 2, "data": 2, "fsdp": 1},
+                                      {"pipeline": {"repeats": 2}, "model": {"n_layers": 4}}),
 }
 
 
@@ -123,11 +129,12 @@ def _loss_and_grads(mesh, **top):
 
 @pytest.fixture(scope="module")
 def reference():
-    """One device with the same other keys (the load-balancing loss of a microbatch is not
-    additive, so grad_accum compares with grad_accum)."""
+    """One device with the same other keys but the pipeline's (the load-balancing loss of a
+    microbatch is not additive, so grad_accum compares with grad_accum)."""
     cache = {}
 
     def get(**top):
+        top.pop("pipeline", None)
         key = repr(sorted(top.items()))
         if key not in cache:
             cache[key] = _loss_and_grads({"fsdp": 1}, **top)[1:4]
@@ -198,7 +205,6 @@ def test_moe_presets():
      r"'model.experts_per_token' = 3: must be between 1 and model.n_experts \(2\)"),
     ({"expert": 2, "fsdp": 1}, {},
      r"'mesh.expert' = 2: needs a mixture-of-experts model \(model.n_experts > 0\)"),
-    ({"stage": 2, "fsdp": 1}, MOE, "'mesh.stage' = 2: pipeline parallelism does not carry the MoE"),
     ({"tensor": 2, "fsdp": 1}, {**MOE, "moe_d_ff": 33}, r"'model.moe_d_ff' = 33: must be divisible by mesh.tensor \(2\)"),
     ({"fsdp": 1}, {**MOE, "moe_capacity_factor": -1.0}, "'model.moe_capacity_factor' = -1.0: must be >= 0"),
 ])

@@ -83,6 +83,46 @@ def test_stage4_holds_a_quarter_of_the_layer_state():
     assert abs(layer_state - expected) <= 0.15 * expected, (layer_state, expected)
 
 
+@pytest.mark.parametrize("remat", ["full", "selective"])
+def test_remat_applies_to_each_layer_inside_the_stages(remat):
+    """remat=full is the policy None (save nothing), which must not read as "no remat"."""
+    cfg = tiny_config({"stage": 2, "fsdp": 1}, remat=remat)
+    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh, jax.devices()[:2])))
+    jaxpr = jax.make_jaxpr(trainer.grads)(trainer.abstract_state["params"], trainer.abstract_batch())
+    assert "remat2[" in str(jaxpr)  # jax.checkpoint's primitive
+
+
+def test_per_layer_stats_add_up_over_microbatches_in_model_order():
+    """A block's second result (as the MoE router's statistics) comes back per layer in model
+    order, summed over the microbatches of real ticks only, also when the circular schedule runs
+    the layers out of order."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from lmsys.config import PipelineConfig
+    from lmsys.parallel.pipeline import pipeline
+
+    cfg = tiny_config({"stage": 2, "fsdp": 1})
+    rules = dataclasses.replace(Rules(build_mesh(cfg.mesh, jax.devices()[:2])),
+                                pipeline=PipelineConfig(microbatches=4, repeats=2))
+    L, B = 8, 8
+    layers = {"id": jnp.arange(1.0, L + 1)}
+
+    def block(x, lp, pos, seg, inner):  # adds its id; stats: id and the row sum it saw
+        return x + lp["id"], {"id": lp["id"], "rows": jnp.sum(x, axis=(1, 2))}
+
+    x = jnp.arange(B, dtype=jnp.float32)[:, None, None] * jnp.ones((B, 2, 3))
+    out, stats = jax.jit(lambda layers, x: pipeline(block, layers, x, jnp.zeros((B, 2), jnp.int32),
+                                                    None, rules=rules))(layers, x)
+    np.testing.assert_allclose(out, x + L * (L + 1) / 2)
+    np.testing.assert_allclose(stats["id"], 4 * np.arange(1, L + 1))  # 4 microbatches each
+    before = np.concatenate([[0], np.cumsum(np.arange(1, L))])  # ids added before layer l
+    rows = 6 * (np.arange(B)[None] + before[:, None])  # each row's sum entering layer l
+    # microbatch j holds rows j and j+4: entry k of the summed stats is rows 4k..4k+3's
+    np.testing.assert_allclose(stats["rows"], rows.reshape(L, 2, 4).sum(axis=2))
+
+
 def test_bubble_fraction_formulas():
     assert bubble_fraction(4, 4) == 3 / 7  # GPipe: (p-1)/(m+p-1)
     assert bubble_fraction(4, 4, repeats=2) == 3 / 11  # interleaved: (p-1)/(m*v+p-1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -316,9 +317,9 @@ def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
     to their expert's device and back (lmsys.parallel.moe). Shared experts (if any) see every
     token.
 
-    Returns (out_BTD, losses_2): the load-balancing loss n_experts x sum_e f_e p_e (f_e: the
-    fraction of the k x tokens assignments routed to e, p_e: e's mean router probability; 1.0 when
-    balanced) and the z-loss mean(logsumexp(logits)^2), both over the tokens of this call.
+    Returns (out_BTD, stats): the router statistics of this call's tokens that `router_losses`
+    turns into its losses. They are sums over the tokens, so the statistics of several calls
+    (a pipeline's microbatches) add up to those of one call over all their tokens.
     """
     B, T, _ = h_BTD.shape
     E, K, C = cfg.n_experts, cfg.experts_per_token, moe_capacity(cfg, h_BTD.shape[1])
@@ -351,11 +352,21 @@ def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
     if cfg.n_shared_experts:
         out_BTD = out_BTD + _swiglu(h_BTD, lp["shared_w_gate"], lp["shared_w_up"], lp["shared_w_down"], rules)
 
-    probs_BTE = jax.nn.softmax(logits_BTE, axis=-1)
-    fraction_E = jnp.mean(onehot_f_BTKE, axis=(0, 1, 2))
-    balance = E * jnp.sum(fraction_E * jnp.mean(probs_BTE, axis=(0, 1)))
-    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)))
-    return out_BTD, jnp.stack([balance, z])
+    assigned_E = jnp.sum(onehot_f_BTKE, axis=(0, 1, 2))
+    probs_E = jnp.sum(jax.nn.softmax(logits_BTE, axis=-1), axis=(0, 1))
+    z = jnp.sum(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)))
+    return out_BTD, jnp.concatenate([assigned_E, probs_E, jnp.stack([z, jnp.float32(B * T)])])
+
+
+def router_losses(stats: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[load-balancing loss, z-loss] of one MoE layer from `moe_mlp`'s statistics: the
+    load-balancing loss n_experts x sum_e f_e p_e (f_e: the fraction of the k x tokens
+    assignments routed to e, p_e: e's mean router probability; 1.0 when balanced) and the z-loss
+    mean(logsumexp(logits)^2), both over the tokens the statistics cover."""
+    E, K = cfg.n_experts, cfg.experts_per_token
+    assigned_E, probs_E, (z, tokens) = stats[:E], stats[E:2 * E], stats[2 * E:]
+    balance = E * jnp.sum(assigned_E / (K * tokens) * (probs_E / tokens))
+    return jnp.stack([balance, z / tokens])
 
 
 def _experts_swiglu(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD, rules):
@@ -423,7 +434,7 @@ def embed_lookup(embed_VD, tokens_BT, rules=None):
 def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
            page_table_BP, gather: bool = False):
     """One decoder block; `kv` is the (k, v) page pool of all layers, or None. Returns
-    (x_BTD, kv, moe_losses_2): the MoE router losses, None for a dense MLP. `gather`: all-gather
+    (x_BTD, kv, moe_stats): `moe_mlp`'s router statistics, None for a dense MLP. `gather`: all-gather
     the layer's fsdp-split parameters once up front (`_gather_layer`)."""
     dtype = x_BTD.dtype
     lp = _gather_layer(lp, cfg, rules, dtype) if gather else materialize(lp, dtype)
@@ -465,13 +476,13 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, attn_BTD, act), "attn_out")
 
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
-    moe_losses = None
+    moe_stats = None
     if cfg.n_experts:
-        mlp_BTD, moe_losses = moe_mlp(h_BTD, lp, cfg=cfg, rules=rules)
+        mlp_BTD, moe_stats = moe_mlp(h_BTD, lp, cfg=cfg, rules=rules)
     else:
         mlp_BTD = _swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules)
     x_BTD = x_BTD + checkpoint_name(_constrain(rules, mlp_BTD, act), "mlp_out")
-    return x_BTD, kv, moe_losses
+    return x_BTD, kv, moe_stats
 
 
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
@@ -492,8 +503,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
       attends to its row's slots at positions <= its own (segment ids are not used with a
       cache). The updated cache is returned as aux["cache"]. `init_cache` makes a contiguous
       one; lmsys.serve manages a shared pool.
-    With `cfg.n_experts` > 0, aux also holds "moe_aux_loss" and "moe_z_loss" (`moe_mlp`'s router
-      losses, summed over the layers; float32 scalars).
+    With `cfg.n_experts` > 0, aux also holds "moe_aux_loss" and "moe_z_loss" (`router_losses`
+      of each layer over all the call's tokens, summed over the layers; float32 scalars).
     logits: False skips the output projection: the first result is then the final-normed hidden
       states [batch, seq, d_model] in the compute dtype, which `unembed` turns into the logits.
     """
@@ -504,40 +515,41 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     # Under remat, gather each layer's fsdp shards explicitly once per pass (without remat the
     # gathered weights would be kept for the backward: the partitioner re-gathers instead).
     gather = cache is None and remat != "none" and rules is not None and rules.mesh.shape.get("fsdp", 1) > 1
+    remat_layer = None  # wraps one layer for the backward pass
+    if remat != "none":
+        remat_layer = partial(jax.checkpoint, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     def body(carry, scanned):
         x, kv = carry
         lp, layer = scanned
-        x, kv, moe_losses = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
-                                   segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
-                                   page_table_BP=page_table_BP, gather=gather)
-        return (x, kv), moe_losses
+        x, kv, moe_stats = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
+                                  segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
+                                  page_table_BP=page_table_BP, gather=gather)
+        return (x, kv), moe_stats
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    if remat_layer is not None:
+        body = remat_layer(body)
     kv = None if cache is None else (cache["k"], cache["v"])
     if cache is None and rules is not None and rules.mesh.shape.get("stage", 1) > 1:
         from lmsys.parallel.pipeline import pipeline
 
-        if cfg.n_experts:
-            raise ValueError("pipeline parallelism (mesh stage > 1) does not carry the MoE router "
-                             "losses; use mesh.stage=1 with model.n_experts > 0")
-
         def block(x, lp, pos_BT, seg_BT, stage_rules):  # one layer inside a pipeline stage
-            return _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
-                          segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None,
-                          gather=gather)[0]
+            x, _, moe_stats = _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
+                                     segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None,
+                                     gather=gather)
+            return x, moe_stats
 
-        x_BTD = pipeline(block, params["layers"], x_BTD, positions_BT, segment_ids_BT, rules=rules,
-                         policy=None if remat == "none" else REMAT_POLICIES[remat])
+        x_BTD, moe_stats_L = pipeline(block, params["layers"], x_BTD, positions_BT, segment_ids_BT,
+                                      rules=rules, remat=remat_layer)
     else:
-        (x_BTD, kv), moe_losses_L2 = jax.lax.scan(body, (x_BTD, kv),
-                                                  (params["layers"], jnp.arange(cfg.n_layers)))
+        (x_BTD, kv), moe_stats_L = jax.lax.scan(body, (x_BTD, kv),
+                                                (params["layers"], jnp.arange(cfg.n_layers)))
 
     x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
     aux = {}
     if cfg.n_experts:  # summed over the layers
-        aux["moe_aux_loss"], aux["moe_z_loss"] = jnp.sum(moe_losses_L2, axis=0)
+        losses_L2 = jax.vmap(partial(router_losses, cfg=cfg))(moe_stats_L)
+        aux["moe_aux_loss"], aux["moe_z_loss"] = jnp.sum(losses_L2, axis=0)
     if cache is not None:
         aux["cache"] = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
     return (unembed(params, x_BTD, cfg=cfg, rules=rules, dtype=dtype) if logits else x_BTD), aux

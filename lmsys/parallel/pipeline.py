@@ -29,6 +29,10 @@ Pallas kernels per shard) compose; the stage-replicated inputs' cotangents are s
 stages by shard_map's transpose, and the equivalence tests pin the gradients.
 Embedding, final norm and output head run outside, on the mesh as without a pipeline
 (replicated over `stage`).
+
+Per-layer statistics (a block's second result, e.g. the MoE router's sums) are added up over
+the microbatches of each layer on real ticks only and come back stacked in model order, the
+same sums as one pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -58,13 +62,16 @@ def stage_major(w_L: jax.Array, stages: int, repeats: int) -> jax.Array:
 
 
 def pipeline(block: Callable, layers: dict, x_BTD: jax.Array, positions_BT: jax.Array,
-             segment_ids_BT: jax.Array | None, *, rules, policy=None) -> jax.Array:
+             segment_ids_BT: jax.Array | None, *, rules, remat: Callable | None = None):
     """Runs the stacked `layers` over x_BTD as a pipeline over `rules.mesh`'s `stage` axis (see
     the module doc); the same result as `lax.scan` of `block` over the layers.
 
-    block(x_BTD, layer_params, positions_BT, segment_ids_BT, rules) -> x_BTD: one layer, with
-      the rules to use inside the stage-manual region.
-    policy: a remat policy applied per layer (None: no remat).
+    block(x_BTD, layer_params, positions_BT, segment_ids_BT, rules) -> (x_BTD, stats): one
+      layer, with the rules to use inside the stage-manual region; `stats` is a pytree of
+      arrays that add up over microbatches (or None).
+    remat: wraps each layer for the backward pass (a `jax.checkpoint`; None: as is).
+    Returns (x_BTD, stats_L): the output and each layer's stats summed over the microbatches,
+    stacked [L, ...] in model order (None when the block gives None).
     """
     p = rules.mesh.shape[AXIS]
     v = rules.pipeline.repeats
@@ -93,35 +100,38 @@ def pipeline(block: Callable, layers: dict, x_BTD: jax.Array, positions_BT: jax.
     x_MbTD = split(x_BTD, ("batch", "seq", None))
     pos_MbT = split(positions_BT, ("batch", "seq"))
     seg_MbT = split(segment_ids_BT, ("batch", "seq"))
-    run = partial(_stages, block=block, p=p, m=m, v=v, rules=rules, policy=policy)
-    out_PMbTD = jax.shard_map(run, mesh=rules.mesh, axis_names={AXIS},
-                              in_specs=(jax.tree.map(lambda _: P(AXIS), layers), P(), P(), P()),
-                              out_specs=P(AXIS), check_vma=False)(layers, x_MbTD, pos_MbT, seg_MbT)
+    run = partial(_stages, block=block, p=p, m=m, v=v, rules=rules, remat=remat)
+    out_PMbTD, stats_PV = jax.shard_map(run, mesh=rules.mesh, axis_names={AXIS},
+                                        in_specs=(jax.tree.map(lambda _: P(AXIS), layers), P(), P(), P()),
+                                        out_specs=P(AXIS), check_vma=False)(layers, x_MbTD, pos_MbT, seg_MbT)
     out_MbTD = out_PMbTD[(p - 1) * m:]  # the last stage's outputs
-    return rules.constrain(out_MbTD.swapaxes(0, 1).reshape(x_BTD.shape), ("batch", "seq", None))
+    # [stage, repeat, layer in chunk, ...] -> model order: chunk r*p + s
+    stats_L = jax.tree.map(lambda a: a.reshape(p, v, *a.shape[1:]).swapaxes(0, 1).reshape(
+        L, *a.shape[2:]), stats_PV)
+    return rules.constrain(out_MbTD.swapaxes(0, 1).reshape(x_BTD.shape), ("batch", "seq", None)), stats_L
 
 
-def _stages(layers, x_MbTD, pos_MbT, seg_MbT, *, block, p, m, v, rules, policy):
+def _stages(layers, x_MbTD, pos_MbT, seg_MbT, *, block, p, m, v, rules, remat):
     """One stage's part of the schedule (inside shard_map, manual over `stage`)."""
     inner = rules.manual({AXIS})
     s = jax.lax.axis_index(AXIS)
     # this stage's layers [v*c, ...] -> [v, c, ...]: chunk r holds repeat r's layers
     chunks = jax.tree.map(lambda w: w.reshape(v, w.shape[0] // v, *w.shape[1:]), layers)
 
-    def run_chunk(x_bTD, r, pos_bT, seg_bT):
+    def run_chunk(x_bTD, r, pos_bT, seg_bT):  # -> (x_bTD, the chunk's stats [c, ...])
         def layer(x, lp):
-            return block(x, lp, pos_bT, seg_bT, inner), None
+            return block(x, lp, pos_bT, seg_bT, inner)
 
-        if policy is not None:
-            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+        if remat is not None:
+            layer = remat(layer)
         chunk = jax.tree.map(lambda w: w[r], chunks)
-        return jax.lax.scan(layer, x_bTD, chunk)[0]
+        return jax.lax.scan(layer, x_bTD, chunk)
 
     # the last stage's output goes on to stage 0 only when there is a next repeat
     ring = [(k, k + 1) for k in range(p - 1)] + ([(p - 1, 0)] if v > 1 else [])
 
     def tick(carry, t):
-        buf_MbTD, out_MbTD, recv_bTD = carry
+        buf_MbTD, out_MbTD, recv_bTD, stats_V = carry
         if v > 1:  # stage 0 files what came back around the ring (item t - p) into its slot
             back = t - p
             keep = (s == 0) & (back >= 0) & (back < m * (v - 1))
@@ -132,11 +142,15 @@ def _stages(layers, x_MbTD, pos_MbT, seg_MbT, *, block, p, m, v, rules, policy):
         i = jnp.clip(i, 0, m * v - 1)
         r, j = i // m, i % m
         x_bTD = jnp.where(s == 0, buf_MbTD[t % m], recv_bTD)
-        y_bTD = run_chunk(x_bTD, r, pos_MbT[j], seg_MbT[j])
+        y_bTD, stats = run_chunk(x_bTD, r, pos_MbT[j], seg_MbT[j])
         done = real & (s == p - 1) & (r == v - 1)
         out_MbTD = out_MbTD.at[j].set(jnp.where(done, y_bTD, out_MbTD[j]))
-        return (buf_MbTD, out_MbTD, jax.lax.ppermute(y_bTD, AXIS, ring)), None
+        stats_V = jax.tree.map(lambda acc, a: acc.at[r].add(jnp.where(real, a, 0)), stats_V, stats)
+        return (buf_MbTD, out_MbTD, jax.lax.ppermute(y_bTD, AXIS, ring), stats_V), None
 
-    init = (x_MbTD, jnp.zeros_like(x_MbTD), jnp.zeros_like(x_MbTD[0]))
-    (_, out_MbTD, _), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
-    return out_MbTD
+    x0_bTD = jnp.zeros_like(x_MbTD[0])
+    stats_shape = jax.eval_shape(run_chunk, x0_bTD, 0, pos_MbT[0], seg_MbT[0])[1]
+    stats_V = jax.tree.map(lambda a: jnp.zeros((v, *a.shape), a.dtype), stats_shape)
+    init = (x_MbTD, jnp.zeros_like(x_MbTD), x0_bTD, stats_V)
+    (_, out_MbTD, _, stats_V), _ = jax.lax.scan(tick, init, jnp.arange(m * v + p - 1))
+    return out_MbTD, stats_V
