@@ -59,6 +59,8 @@ STRATEGIES = {
     "sequence8-allgather": {"mesh": {"sequence": 8, "fsdp": 1, "sequence_method": "allgather"}},
     "stage2-gpipe": {"mesh": {"stage": 2, "fsdp": 1}, "pipeline": {"microbatches": 4}},  # 2 devices
     "expert4-moe": {"mesh": {"expert": 4, "fsdp": 1}, "model": {"preset": "tiny-moe"}},  # 4 devices
+    "stage2-expert2-moe": {"mesh": {"stage": 2, "expert": 2, "fsdp": 1}, "model": {"preset": "tiny-moe"},
+                           "pipeline": {"microbatches": 4}},  # 4 devices
     "data2-fsdp2-tensor2": {"mesh": {"data": 2, "fsdp": 2, "tensor": 2}},
 }
 
