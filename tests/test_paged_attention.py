@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from pairwise import pairwise, uncovered_pairs
 
 from lmsys.kernels import paged_attention, paged_attention_reference
-from lmsys.kernels.paged_attention import combine_blocks
+from lmsys.kernels.paged_attention import combine_blocks, supported
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.kernels import POOL_AXES, sharded_paged_attention
@@ -211,6 +211,14 @@ def test_tpu_flavour_scalar_prefetch():
                   v_scales=scale[None])
     want = _reference_f64(q, _gathered(k_deq, pt), _gathered(v_deq, pt), lengths)
     assert np.isfinite(got).all() and _rel_err(got, want) <= 1e-5
+
+
+def test_gpu_takes_only_head_dims_it_reads_in_place():
+    """On GPU a head_dim that Triton's tiles would pad copies the whole pool on every call (and
+    can double the decode step's memory): the model's decode takes the gather + XLA path there."""
+    assert all(supported(h, "gpu") for h in (16, 64, 128, 256))
+    assert not any(supported(h, "gpu") for h in (8, 48, 80, 96))
+    assert supported(48, "tpu") and supported(48, "cpu") and not supported(64, "metal")
 
 
 def test_bad_shapes_say_what_is_expected():

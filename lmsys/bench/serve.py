@@ -9,14 +9,17 @@ side: output tokens/s, time to first token (TTFT) and inter-token latency (ITL) 
 Parameters are random (throughput does not depend on the weights); every request generates
 exactly `--max-tokens` tokens (EOS ignored).
 
-`--hf` adds a side-by-side with Hugging Face transformers `generate` (torch, float32, CPU, torch
-threads = the CPU count) on the same model, exported with lmsys's exporter: (a) static batch, all
+`--hf` adds a side-by-side with Hugging Face transformers `generate` (torch, float32, on the same
+hardware as JAX: CPU, or CUDA next to a JAX GPU) on the same model, exported with lmsys's exporter: (a) static batch, all
 requests in one left-padded `generate` call; (b) staggered arrivals, one request every
 `--interval` seconds: the engine admits each as it arrives, while transformers serves them one
 `generate` call per request, in arrival order, one at a time (its `generate` has no admission
 of new requests into a running batch). TTFT and latency count from each request's arrival.
 `--repeats N` runs each load N times per side, the sides taking turns (on a shared machine the
-load changes between runs), and reports each side's median run.
+load changes between runs), and reports each side's median run. `--threads 1` runs each side's ops on
+one thread (torch's thread count, XLA:CPU's Eigen thread pool off), so that on a shared machine
+both compete for the cores on equal terms; without it, torch takes as many threads as CPUs and
+XLA:CPU its own pool.
 """
 
 from __future__ import annotations
@@ -44,8 +47,10 @@ def _percentiles(xs) -> str:
 
 
 def make_engine(params, model, tokenizer, args) -> Engine:
+    # a pool of enough pages for every slot at full length, on every backend
     engine = Engine(params, model, tokenizer, EngineConfig(
         max_slots=args.max_slots, page_size=args.page_size, max_seq_len=args.max_seq_len,
+        num_pages=args.max_slots * (args.max_seq_len // args.page_size),
         prefill_chunk=args.prefill_chunk, prefill_tokens=args.prefill_tokens, dtype=args.dtype))
     engine.warmup(progress=False)
     return engine
@@ -117,9 +122,24 @@ def run_naive(params, model, prompts, max_tokens, args):
     return _result(outputs, stamps, [start] * len(prompts), time.perf_counter() - start, 1)
 
 
+def torch_device() -> str:
+    """The torch device that is the same hardware as JAX's default backend: "cuda" next to a
+    JAX GPU, else "cpu"."""
+    import torch
+
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        # float32 matmuls on both sides in TF32, JAX's default precision on NVIDIA GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return "cuda"
+    raise SystemExit(f"--hf compares on the same hardware, but JAX runs on {jax.default_backend()} "
+                     f"and torch has no such device here")
+
+
 def load_hf_model(params, model, directory, threads=0):
     """The same parameters, exported with lmsys's exporter (float32) and loaded by transformers
-    (torch, float32, CPU, `threads` torch threads; 0: as many as CPUs)."""
+    (torch, float32, on `torch_device()`; on a CPU `threads` torch threads, 0: as many as CPUs)."""
     import torch
     import transformers
 
@@ -127,7 +147,8 @@ def load_hf_model(params, model, directory, threads=0):
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     save_hf(params, model, directory, dtype="float32")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf = hf.to(torch_device()).eval()
     hf.generation_config.eos_token_id = None  # like the engine's ignore_eos: never stop early
     hf.generation_config.pad_token_id = 0
     return hf
@@ -161,10 +182,11 @@ def _hf_generate(hf, prompts, max_tokens):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     stamps = _Stamps()
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
                           min_new_tokens=max_tokens, streamer=stamps)
-    return [list(map(int, row)) for row in out[:, width:]], stamps.times
+    return [list(map(int, row)) for row in out[:, width:].tolist()], stamps.times
 
 
 def run_hf(hf, prompts, max_tokens, interval=0.0, batched=True, warm=True):
@@ -198,6 +220,17 @@ def _table(rows, latency=False) -> None:
               f"{_percentiles(r['ttft']):>26}   {_percentiles(r['itl']):>26}{extra}")
 
 
+def _single_threaded_xla() -> None:
+    """XLA:CPU's ops on one thread. XLA reads its flags once, when JAX makes its CPU backend,
+    so this must run before the first computation of the process."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise SystemExit("--threads 1 must take effect before JAX starts its CPU backend: run "
+                         "the benchmark in its own process (python -m lmsys.bench.serve ...)")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+
+
 def _same(a, b) -> int:
     return sum(x == y for x, y in zip(a["outputs"], b["outputs"]))
 
@@ -221,8 +254,9 @@ def main(argv=None) -> dict:
                     help="also compare with transformers generate (torch, CPU) on the same exported model")
     ap.add_argument("--interval", type=float, default=0.25,
                     help="with --hf: seconds between arrivals in the staggered run")
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="with --hf: torch threads (0 = the CPU count)")
+    ap.add_argument("--threads", type=int, default=0, choices=[0, 1],
+                    help="1: each side's ops on one thread (torch and XLA:CPU); 0: torch as many "
+                         "threads as CPUs, XLA:CPU its own pool")
     ap.add_argument("--repeats", type=int, default=1,
                     help="with --hf: runs per side and load, the sides alternating; the median run "
                          "is reported")
@@ -231,6 +265,8 @@ def main(argv=None) -> dict:
         ap.error("--hf compares in float32 (transformers on CPU); drop --dtype")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads:
+        _single_threaded_xla()
 
     from lmsys.data import load_tokenizer
 
@@ -277,7 +313,7 @@ def _compare_hf(params, model, prompts, args, engine_obj, engine_static) -> dict
     import transformers
 
     with tempfile.TemporaryDirectory() as directory:
-        hf = load_hf_model(params, model, directory, args.torch_threads)
+        hf = load_hf_model(params, model, directory, args.threads)
     # the two sides take turns, `--repeats` times per load, so both see the same machine
     runs = {k: [] for k in ("engine_static", "hf_static", "engine_stag", "hf_stag")}
     for i in range(args.repeats):
@@ -293,8 +329,13 @@ def _compare_hf(params, model, prompts, args, engine_obj, engine_static) -> dict
     engine_static, hf_static, engine_stag, hf_stag = map(_median_run, runs.values())
     n = len(prompts)
     print()
+    where = (f"CPU, float32, {torch.get_num_threads()} threads), same model exported by lmsys; "
+             f"XLA:CPU {'on one thread' if args.threads else 'with its thread pool'}"
+             if hf.device.type == "cpu" else
+             f"{torch.cuda.get_device_name()}, float32 with TF32 matmuls like JAX's default), "
+             f"same model exported by lmsys")
     print(f"vs Hugging Face transformers {transformers.__version__} generate (torch {torch.__version__}, "
-          f"CPU, float32, {torch.get_num_threads()} threads), same model exported by lmsys")
+          + where)
     if args.repeats > 1:
         print(f"each side: the run with the median tok/s of {args.repeats}, the sides alternating; "
               f"all runs' tok/s:")

@@ -232,9 +232,15 @@ def combine_blocks(acc_XnGH, m_XnG, l_XnG):
     return acc_XGH / jnp.where(l_XG == 0.0, 1.0, l_XG)[..., None]
 
 
-def supported_backend(backend: str | None = None) -> bool:
-    """Whether this kernel has a path for the backend (GPU, TPU, CPU interpret)."""
-    return _backend(backend) in BACKENDS
+def supported(head_dim: int, backend: str | None = None) -> bool:
+    """Whether this kernel serves pools of this head_dim on the backend (GPU, TPU, CPU
+    interpret) reading them in place: on GPU Triton's tiles need a power of two >= 16, and any
+    other head_dim is padded, which copies the whole pool on every call (use the gather + XLA
+    attention path there)."""
+    backend = _backend(backend)
+    if backend == "gpu":
+        return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return backend in BACKENDS
 
 
 def _backend(backend):

@@ -192,13 +192,14 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
                       rules=None):
     """Writes this call's keys/values into the paged pool of `layer` and attends over each
     row's pages. Tokens at position < 0 are padding: their writes are dropped. A decode step
-    (one token per row) with impl resolving to "pallas" runs the paged kernel (GPU, TPU; CPU
-    interpret; on a mesh per shard of the pool, lmsys.parallel.kernels); on XLA:CPU a decode
-    step gathers the pages in the pool's layout and attends with two batched matmuls; else the
-    pages are gathered into a dense sequence for `attention`. A call whose every row holds the
+    (one token per row) with impl resolving to "pallas" runs the paged kernel where it reads the
+    pool in place (GPU with a power-of-two head_dim, TPU; CPU interpret; on a mesh per shard of
+    the pool, lmsys.parallel.kernels); on XLA:CPU a decode step gathers the pages in the pool's
+    layout and attends with two batched matmuls; else the pages are gathered into a dense
+    sequence for `attention`. A call whose every row holds the
     first tokens of its sequence (a prompt's first prefill chunk) attends over its own keys."""
     from lmsys.kernels import paged_attention, resolve_impl
-    from lmsys.kernels.paged_attention import supported_backend as paged_supported
+    from lmsys.kernels.paged_attention import supported as paged_supported
     k_LPSKH, v_LPSKH = kv
     n_pages, page_size = k_LPSKH.shape[1], k_LPSKH.shape[2]
     B, P = page_table_BP.shape
@@ -207,7 +208,7 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     slot_BT = positions_BT % page_size
     k_LPSKH = k_LPSKH.at[layer, page_BT, slot_BT].set(k_BTKH.astype(k_LPSKH.dtype), mode="drop")
     v_LPSKH = v_LPSKH.at[layer, page_BT, slot_BT].set(v_BTKH.astype(v_LPSKH.dtype), mode="drop")
-    if q_BTNH.shape[1] == 1 and resolve_impl(impl) == "pallas" and paged_supported():
+    if q_BTNH.shape[1] == 1 and resolve_impl(impl) == "pallas" and paged_supported(q_BTNH.shape[-1]):
         # decode: the kernel reads this layer's pages in place; row b sees positions <= its own
         lengths_B = jnp.maximum(positions_BT[:, 0] + 1, 0)
         if rules is not None and rules.mesh.size > 1:
