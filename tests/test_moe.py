@@ -1,8 +1,8 @@
 """Mixture of experts (lmsys.models.llama.moe_mlp) and expert parallelism over `mesh.expert`,
 8 emulated CPU devices, float32: the MoE MLP equals a per-token numpy reference (top-k routing,
 capacity, shared experts, router losses); expert=2/4/8, alone and with fsdp/tensor or pipeline
-stages, give the loss, router losses and gradients of one device; expert=4 holds a quarter of the expert weights per
-device; misconfigurations fail with a message naming the key."""
+stages, give the loss, router losses and gradients of one device; expert=4 holds a quarter of
+the expert weights per device; misconfigurations fail with a message naming the key."""
 
 import dataclasses
 import math

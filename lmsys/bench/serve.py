@@ -10,16 +10,16 @@ Parameters are random (throughput does not depend on the weights); every request
 exactly `--max-tokens` tokens (EOS ignored).
 
 `--hf` adds a side-by-side with Hugging Face transformers `generate` (torch, float32, on the same
-hardware as JAX: CPU, or CUDA next to a JAX GPU) on the same model, exported with lmsys's exporter: (a) static batch, all
-requests in one left-padded `generate` call; (b) staggered arrivals, one request every
-`--interval` seconds: the engine admits each as it arrives, while transformers serves them one
-`generate` call per request, in arrival order, one at a time (its `generate` has no admission
-of new requests into a running batch). TTFT and latency count from each request's arrival.
-`--repeats N` runs each load N times per side, the sides taking turns (on a shared machine the
-load changes between runs), and reports each side's median run. `--threads 1` runs each side's ops on
-one thread (torch's thread count, XLA:CPU's Eigen thread pool off), so that on a shared machine
-both compete for the cores on equal terms; without it, torch takes as many threads as CPUs and
-XLA:CPU its own pool.
+hardware as JAX: CPU, or CUDA next to a JAX GPU) on the same model, exported with lmsys's
+exporter: (a) static batch, all requests in one left-padded `generate` call; (b) staggered
+arrivals, one request every `--interval` seconds: the engine admits each as it arrives, while
+transformers serves them one `generate` call per request, in arrival order, one at a time (its
+`generate` has no admission of new requests into a running batch). TTFT and latency count from
+each request's arrival. `--repeats N` runs each load N times per side, the sides taking turns
+(on a shared machine the load changes between runs), and reports each side's median run.
+`--threads 1` runs each side's ops on one thread (torch's thread count, XLA:CPU's Eigen thread
+pool off), so that on a shared machine both compete for the cores on equal terms; without it,
+torch takes as many threads as CPUs and XLA:CPU its own pool.
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--hf", action="store_true",
-                    help="also compare with transformers generate (torch, CPU) on the same exported model")
+                    help="also compare with transformers generate (torch, on the same device) on "
+                         "the same exported model")
     ap.add_argument("--interval", type=float, default=0.25,
                     help="with --hf: seconds between arrivals in the staggered run")
     ap.add_argument("--threads", type=int, default=0, choices=[0, 1],
@@ -262,7 +263,7 @@ def main(argv=None) -> dict:
                          "is reported")
     args = ap.parse_args(argv)
     if args.hf and args.dtype != "float32":
-        ap.error("--hf compares in float32 (transformers on CPU); drop --dtype")
+        ap.error("--hf compares in float32 (both sides); drop --dtype")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
