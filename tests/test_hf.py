@@ -5,6 +5,7 @@ loads in transformers without missing/unexpected weights; a sharded import reads
 slices only; the `lmsys convert` commands produce directories `lmsys generate` runs; unsupported
 configs, missing files and bad shapes fail with a message naming them."""
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -418,6 +419,10 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
                                    head_dim=8, d_ff=32, qkv_bias=True, qk_norm=True)}).model
     with pytest.raises(ConversionError, match="qkv_bias with model.qk_norm has no Hugging Face"):
         save_hf(llama.init(jax.random.key(0), cfg), cfg, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    moe = dataclasses.replace(cfg, qkv_bias=False, qk_norm=False, n_experts=4, experts_per_token=2)
+    with pytest.raises(ConversionError, match="model.n_experts=4: mixture-of-experts models have no"):
+        save_hf(llama.init(jax.random.key(0), moe), moe, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 

@@ -135,6 +135,10 @@ def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None =
     Qwen3ForCausalLM with qk_norm. `base` (e.g. the config an import came from) supplies
     max_position_embeddings and token ids."""
     base = base or {}
+    if model.n_experts:
+        raise ConversionError(f"model.n_experts={model.n_experts}: mixture-of-experts models have no "
+                              "Hugging Face export in lmsys (only dense Llama, Qwen2 and Qwen3 "
+                              "layouts); keep the lmsys checkpoint to serve or fine-tune it")
     if model.qkv_bias and model.qk_norm:
         raise ConversionError("model.qkv_bias with model.qk_norm has no Hugging Face architecture "
                               "(Qwen3's attention_bias also adds an o_proj bias); export needs one "
