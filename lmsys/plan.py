@@ -165,8 +165,10 @@ def analyze(cfg: Config, devices: int, hardware: str) -> Plan:
     flops = model_flops * (1 + recompute / 3)
     notes = []
     if sizes["stage"] > 1:
-        m = cfg.pipeline.microbatches or sizes["stage"]
-        bubble = (sizes["stage"] - 1) / (m * cfg.pipeline.repeats + sizes["stage"] - 1)
+        from lmsys.parallel.pipeline import bubble_fraction
+
+        bubble = bubble_fraction(sizes["stage"], cfg.pipeline.microbatches or sizes["stage"],
+                                 cfg.pipeline.repeats)
         flops /= 1 - bubble
         notes.append(f"pipeline bubble {bubble:.0%} counted as idle compute")
     return Plan(cfg, sizes, hw, memory, collectives, flops, model_flops, notes=notes)

@@ -51,6 +51,16 @@ def test_search_llama3_8b_on_8_h100s():
     assert "why: compute-bound" in text or "why: communication-bound" in text
 
 
+def test_pipeline_bubble_counts_as_idle_compute():
+    """With stages, the step's FLOPs are spread over the busy share of the ticks, 1 - bubble."""
+    flat = plan.analyze(load_config(RECIPE, ["mesh.fsdp=8"]), 8, "h100")
+    staged = plan.analyze(load_config(RECIPE, ["mesh.fsdp=4", "mesh.stage=2",
+                                               "pipeline.microbatches=4"]), 8, "h100")
+    bubble = 1 / 5  # (p-1)/(m+p-1), p=2, m=4
+    assert staged.flops == pytest.approx(flat.flops / (1 - bubble))
+    assert "pipeline bubble 20% counted as idle compute" in staged.notes
+
+
 def test_nothing_fits_says_so():
     cfg = load_config(RECIPE, ["model.preset=70b"])
     assert plan.search(cfg, 8, "h100") == []  # 70B x 12 bytes of state / 8 > 72 GB
