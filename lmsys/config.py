@@ -380,13 +380,8 @@ def validate(cfg: Config) -> None:
            f"must be one of {', '.join(SEQUENCE_METHODS)}")
     if axis_size(cfg.mesh, "sequence") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_sequence(cfg, axis_size(cfg.mesh, "sequence"))
-    t = cfg.mesh.tensor
-    if t > 1:
-        _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
-               f"must be divisible by mesh.tensor ({t}); change mesh.tensor or model.n_heads")
-        _check(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-               f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
-        _check(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
+    if cfg.mesh.tensor > 1:  # -1 (fill) is checked once the mesh is built (check_mesh)
+        check_tensor(cfg, cfg.mesh.tensor)
 
     check_moe(cfg)
 
@@ -471,6 +466,43 @@ def check_experts(cfg: Config, n: int) -> None:
     _check(cfg.model.n_experts % n == 0, "model.n_experts", cfg.model.n_experts,
            f"must be divisible by mesh.expert ({n}) so each device holds whole experts; change "
            "mesh.expert or model.n_experts")
+
+
+def check_mesh(cfg: Config, sizes: dict[str, int], batch_axes: tuple[str, ...]) -> None:
+    """The rules that need every mesh axis's size (an axis may be -1 in the config, known only
+    once the mesh is built): the Trainer checks them on its mesh and `lmsys plan` on the sizes it
+    plans for. `batch_axes`: the mesh axes the batch splits over (the rule table's `batch`)."""
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        check_pipeline(cfg, stages)
+    if sizes.get("sequence", 1) > 1:
+        check_sequence(cfg, sizes["sequence"])
+    if sizes.get("tensor", 1) > 1:
+        check_tensor(cfg, sizes["tensor"])
+    experts = sizes.get("expert", 1)
+    if cfg.model.n_experts or experts > 1:
+        check_experts(cfg, experts)
+        check_moe(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=stages)))
+    divisor = math.prod(sizes.get(a, 1) for a in batch_axes)
+    # microbatches of gradient accumulation, each split again into pipeline microbatches
+    splits = cfg.grad_accum * ((cfg.pipeline.microbatches or stages) if stages > 1 else 1)
+    micro = cfg.batch_size // splits
+    if micro % divisor:
+        axes = " x ".join(a for a in batch_axes if a != "expert" or experts > 1)
+        raise ConfigError(
+            f"config key 'batch_size' = {cfg.batch_size}: each of the {splits} microbatches "
+            f"({micro} sequences) must split over mesh {axes} = {divisor} devices; use a "
+            f"batch_size that is a multiple of {divisor * splits}")
+
+
+def check_tensor(cfg: Config, t: int) -> None:
+    """Heads and the MLP split evenly over `t` tensor-parallel devices."""
+    m = cfg.model
+    _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
+           f"must be divisible by mesh.tensor ({t}); change mesh.tensor or model.n_heads")
+    _check(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+           f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
+    _check(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
 
 
 def check_sequence(cfg: Config, n: int) -> None:

@@ -20,7 +20,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from lmsys.config import MESH_AXES, Config, ConfigError
+from lmsys.config import MESH_AXES, Config, ConfigError, check_mesh
 from lmsys.models import llama
 from lmsys.parallel.analysis import (
     ARGUMENT_PARTS,
@@ -127,19 +127,13 @@ def _sizes(cfg: Config, devices: int) -> dict[str, int]:
 
 
 def _check(cfg: Config, sizes: dict[str, int]) -> None:
-    """The divisibility rules the Trainer enforces, without building it."""
-    m = cfg.model
-    rows = sizes["expert"] * sizes["data"] * sizes["fsdp"]
-    micro = cfg.batch_size // cfg.grad_accum
-    if micro % rows:
-        raise PlanError(f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {micro} rows "
-                        f"do not split over expert x data x fsdp = {rows} devices")
-    if cfg.seq_len % sizes["sequence"]:
-        raise PlanError(f"seq_len {cfg.seq_len} does not split over mesh.sequence = {sizes['sequence']}")
-    if m.n_layers % sizes["stage"]:
-        raise PlanError(f"model.n_layers {m.n_layers} does not split over mesh.stage = {sizes['stage']}")
-    if m.n_heads % sizes["tensor"]:
-        raise PlanError(f"model.n_heads {m.n_heads} does not split over mesh.tensor = {sizes['tensor']}")
+    """The rules the Trainer enforces on its mesh (lmsys.config.check_mesh), without building it."""
+    from lmsys.parallel.mesh import DEFAULT_RULES
+
+    try:
+        check_mesh(cfg, sizes, DEFAULT_RULES["batch"])
+    except ConfigError as e:
+        raise PlanError(str(e)) from e
 
 
 def analyze(cfg: Config, devices: int, hardware: str) -> Plan:

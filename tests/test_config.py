@@ -27,6 +27,14 @@ def test_heads_not_divisible_by_tensor():
     msg = _error(lambda: from_dict({"model": {"n_heads": 6, "n_kv_heads": 6}, "mesh": {"tensor": 4}}))
     assert msg == ("config key 'model.n_heads' = 6: must be divisible by mesh.tensor (4); "
                    "change mesh.tensor or model.n_heads")
+    # a filled tensor axis (-1) is checked once the mesh is built: the Trainer, like `lmsys plan`
+    from lmsys.parallel import Rules
+    from lmsys.train import Trainer
+
+    cfg = from_dict({"model": {"preset": "tiny", "n_heads": 6, "n_kv_heads": 6},
+                     "mesh": {"tensor": -1, "fsdp": 1}})
+    msg = _error(lambda: Trainer(cfg, Rules(build_mesh(cfg.mesh))))
+    assert msg.startswith("config key 'model.n_heads' = 6: must be divisible by mesh.tensor (8)")
 
 
 def test_unknown_key_suggests_the_nearest():

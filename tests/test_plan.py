@@ -74,7 +74,7 @@ def test_cli_plan_table_and_errors(capsys):
     assert main(["plan", RECIPE, "model.preset=70b", "mesh.fsdp=-1", "--devices", "8"]) == 3  # does not fit
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", RECIPE, "--devices", "6"]) == 2  # 32 rows over 6 fsdp devices
-    assert "do not split over expert x data x fsdp = 6" in capsys.readouterr().err
+    assert "(32 sequences) must split over mesh data x fsdp = 6 devices" in capsys.readouterr().err
     assert main(["plan", RECIPE, "--topology", "v5p:4x4x4", "--devices", "64"]) == 2
     assert "--devices comes from --topology" in capsys.readouterr().err
     assert main(["plan", RECIPE, "--topology", "nonsense:9"]) == 2

@@ -17,15 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from lmsys.config import (
-    Config,
-    ConfigError,
-    OptimizerConfig,
-    check_experts,
-    check_moe,
-    check_pipeline,
-    check_sequence,
-)
+from lmsys.config import Config, OptimizerConfig, check_mesh
 from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.parallel.analysis import zero1_table
@@ -155,30 +147,13 @@ class Trainer:
     """The jitted train step and state init for one config on one mesh."""
 
     def __init__(self, cfg: Config, rules: Rules):
-        stages = rules.mesh.shape.get("stage", 1)
-        if stages > 1:  # the pipeline's settings come from the config
-            check_pipeline(cfg, stages)
+        check_mesh(cfg, dict(rules.mesh.shape), rules.table["batch"])  # a filled (-1) axis is known now
+        if rules.mesh.shape.get("stage", 1) > 1:  # the pipeline's settings come from the config
             rules = dataclasses.replace(rules, pipeline=cfg.pipeline)
-        ring = rules.mesh.shape.get("sequence", 1)
-        if ring > 1:  # context parallelism (each batch is put in the load-balanced order once)
-            check_sequence(cfg, ring)
+        if rules.mesh.shape.get("sequence", 1) > 1:  # context parallelism
             rules = dataclasses.replace(rules, sequence_method=cfg.mesh.sequence_method,
                                         sequence_load_balance=cfg.mesh.sequence_load_balance)
-        experts = rules.mesh.shape.get("expert", 1)
-        if cfg.model.n_experts or experts > 1:  # a filled (-1) expert or stage axis is known now
-            check_experts(cfg, experts)
-            check_moe(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=stages)))
         self.cfg, self.rules = cfg, rules
-        divisor = rules.batch_size_divisor
-        # microbatches of gradient accumulation, each split again into pipeline microbatches
-        splits = cfg.grad_accum * ((cfg.pipeline.microbatches or stages) if stages > 1 else 1)
-        micro = cfg.batch_size // splits
-        if micro % divisor:
-            raise ConfigError(
-                f"config key 'batch_size' = {cfg.batch_size}: each of the {splits} "
-                f"microbatches ({micro} sequences) must split over mesh "
-                f"{' x '.join(a for a in rules.table['batch'] if a != 'expert' or experts > 1)} = {divisor} "
-                f"devices; use a batch_size that is a multiple of {divisor * splits}")
         self.dtype = DTYPES[cfg.dtype]
         decay = jax.tree.map(lambda s: s.init == "normal", llama.param_specs(cfg.model),
                              is_leaf=lambda x: isinstance(x, llama.ParamSpec))
