@@ -196,8 +196,8 @@ def _cached_attention(q_BTNH, k_BTKH, v_BTKH, kv, layer, page_table_BP, position
     pool in place (GPU with a power-of-two head_dim, TPU; CPU interpret; on a mesh per shard of
     the pool, lmsys.parallel.kernels); on XLA:CPU a decode step gathers the pages in the pool's
     layout and attends with two batched matmuls; else the pages are gathered into a dense
-    sequence for `attention`. A call whose every row holds the
-    first tokens of its sequence (a prompt's first prefill chunk) attends over its own keys."""
+    sequence for `attention`. A call whose every row holds the first tokens of its sequence (a
+    prompt's first prefill chunk) attends over its own keys."""
     from lmsys.kernels import paged_attention, resolve_impl
     from lmsys.kernels.paged_attention import supported as paged_supported
     k_LPSKH, v_LPSKH = kv
