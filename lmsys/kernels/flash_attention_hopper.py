@@ -91,7 +91,7 @@ def _smem(shape, dtype):
 
 
 def _t(ref):
-    return plgpu.transpose_ref(ref, (1, 0))
+    return ref.transpose((1, 0))
 
 
 def _load(ref, layout):
