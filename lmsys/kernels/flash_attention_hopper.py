@@ -174,6 +174,17 @@ def _skip_tile(slot, ready, free):
         plgpu.barrier_arrive(barrier.at[slot])
 
 
+def _sweep_kv(step, carry, *, unmasked, steps, cta_steps, causal, skip):
+    """A compute warpgroup's pass over the CTA's streamed K/V tiles: `step(i, carry, masked)`
+    over [0, unmasked) without the causal mask, then (causal) over [unmasked, steps) with it,
+    and `skip(i)` for the tiles [steps, cta_steps) that only the other warpgroup reads."""
+    carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
+    if causal:
+        carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+        lax.fori_loop(steps, cta_steps, lambda i, _: skip(i), None)
+    return carry
+
+
 def _copy_ring(load, total, stages: int, most: int, free):
     """The copy warpgroup's loop: tile i (0 <= i < total <= most) into ring slot i % stages with
     `load(i, slot)`; before refilling a slot it waits until both compute warpgroups released it
@@ -299,18 +310,12 @@ def _fwd(c: _Cfg, q, k, v):
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
-            carry = (acc, m, l)
-            carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
-            if causal:
-                carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True),
-                                      carry)
-
-                def drain(i, _):  # tiles only the other warpgroup needs: free them, keep turns
-                    _skip_tile(lax.rem(i, stages), (k_ready, v_ready), (k_free, v_free))
-                    rendezvous()
-                    rendezvous()
-                lax.fori_loop(steps, cta_steps, drain, None)
-            acc, m, l = carry
+            def skip(i):  # a tile only the other warpgroup needs: free it, keep the turns
+                _skip_tile(lax.rem(i, stages), (k_ready, v_ready), (k_free, v_free))
+                rendezvous()
+                rendezvous()
+            acc, m, l = _sweep_kv(step, (acc, m, l), unmasked=unmasked, steps=steps,
+                                  cta_steps=cta_steps, causal=causal, skip=skip)
             pl.when(wg == 0)(rendezvous)
             q_tile[...] = (acc * _rows(1.0 / l, acc.shape, 0)).astype(dtype)
             lse_smem.at[wg][...] = m + jnp.log2(l)
@@ -390,14 +395,10 @@ def _dq(c: _Cfg, q, k, v, do, lse, delta):
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
 
-            dq = lax.fori_loop(0, unmasked, functools.partial(step, masked=False),
-                               _zeros((ROWS, H)))
-            if causal:
-                dq = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), dq)
-
-                def drain(i, _):  # tiles only the other warpgroup needs
-                    _skip_tile(lax.rem(i, stages), (k_ready, v_ready), (k_free, v_free))
-                lax.fori_loop(steps, cta_steps, drain, None)
+            def skip(i):  # a tile only the other warpgroup needs
+                _skip_tile(lax.rem(i, stages), (k_ready, v_ready), (k_free, v_free))
+            dq = _sweep_kv(step, _zeros((ROWS, H)), unmasked=unmasked, steps=steps,
+                           cta_steps=cta_steps, causal=causal, skip=skip)
             q_smem.at[wg][...] = (dq * scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
