@@ -130,8 +130,6 @@ def torch_device() -> str:
     if jax.default_backend() == "cpu":
         return "cpu"
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
-        # float32 matmuls on both sides in TF32, JAX's default precision on NVIDIA GPUs
-        torch.backends.cuda.matmul.allow_tf32 = True
         return "cuda"
     raise SystemExit(f"--hf compares on the same hardware, but JAX runs on {jax.default_backend()} "
                      f"and torch has no such device here")
@@ -147,8 +145,11 @@ def load_hf_model(params, model, directory, threads=0):
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     save_hf(params, model, directory, dtype="float32")
+    device = torch_device()
+    if device == "cuda":  # float32 matmuls in TF32 on both sides: JAX's default on NVIDIA GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    hf = hf.to(torch_device()).eval()
+    hf = hf.to(device).eval()
     hf.generation_config.eos_token_id = None  # like the engine's ignore_eos: never stop early
     hf.generation_config.pad_token_id = 0
     return hf
