@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lmsys.config import ModelConfig
+from lmsys.config import Config, ModelConfig
 
 # Model keys that decide parameter shapes: a checkpoint must agree on all of them.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -215,7 +215,6 @@ def load_run(run_dir: str | Path, rules=None, step: int | None = None):
     """A run directory's config (`config.yaml`) and the parameters of its latest (or given)
     checkpoint, sharded by `rules` (default: one device). Returns (Config, params, meta)."""
     from lmsys.config import load_config
-    from lmsys.models import llama
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -223,12 +222,143 @@ def load_run(run_dir: str | Path, rules=None, step: int | None = None):
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ yet; train or convert into it first")
     cfg = load_config(run_dir / "config.yaml")
-    shardings = None
-    if rules is not None:
-        shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
-        params, meta = ckpt.restore_params(cfg.model, shardings, step)
+        params, meta = ckpt.restore_params(cfg.model, _param_shardings(cfg.model, rules), step)
     finally:
         ckpt.close()
     return cfg, params, meta
+
+
+def _param_shardings(model: ModelConfig, rules):
+    if rules is None:
+        return None
+    from lmsys.models import llama
+
+    return rules.tree_shardings(llama.param_axes(model), llama.param_shapes(model))
+
+
+# ----------------------------------------------------------------------------- model directories
+
+
+@dataclasses.dataclass
+class ModelDir:
+    """A model reference, opened without reading its weights.
+
+    kind "run": an lmsys run directory (config.yaml + checkpoints/, from `lmsys train` or `lmsys
+    convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors).
+    `config` holds the model and data.tokenizer (a run's whole saved config), the tokenizer as a
+    path that exists where one does (a run directory moved with its tokenizer.json inside still
+    finds it). `ref` pins the reference: the absolute directory, or `models:/NAME/VERSION` of a
+    registered model (whose `step` is the registered one)."""
+
+    kind: str
+    path: Path
+    name: str
+    ref: str
+    config: Config
+    step: int | None = None
+    hf_config: dict | None = None
+
+    def params(self, rules=None, step: int | None = None) -> tuple[dict, int]:
+        """(params, step) of the latest (or given) checkpoint, placed straight onto the shardings
+        of `rules` (None: one device); a Hugging Face directory is step 0."""
+        if self.step is not None and step is not None and step != self.step:
+            from lmsys.interop.registry import RegistryError
+
+            raise RegistryError(f"{self.name} is registered at step {self.step}, not step {step}")
+        step = self.step if step is None else step
+        if self.kind == "hf":
+            from lmsys.interop.hf import load_hf
+
+            params, _ = load_hf(self.path, _param_shardings(self.config.model, rules))
+            return params, 0
+        _, params, meta = load_run(self.path, rules, step)
+        return params, int(meta["step"])
+
+    def tokenizer(self):
+        from lmsys.data import tokenizer_for
+
+        return tokenizer_for(self.config.data, self.config.model.vocab_size)
+
+    def eos_token_id(self, tokenizer) -> int:
+        """config.json's eos_token_id (the first of a list) for an HF model, else the
+        tokenizer's end-of-text token."""
+        from lmsys.data import eos_id
+
+        eos = (self.hf_config or {}).get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return eos_id(tokenizer) if eos is None else int(eos)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    config: Config
+    params: dict
+    tokenizer: object
+    eos_token_id: int | None
+    step: int
+
+
+def open_model(ref: str | Path, registry_uri: str | None = None) -> ModelDir:
+    """The one reader of model references, used by serve, generate, fine-tuning (`init_from`)
+    and export: an lmsys run directory (config.yaml), a Hugging Face model directory
+    (config.json), or a registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION` (registry
+    `registry_uri`, else $LMSYS_REGISTRY_URI or the local one), whose checkpoint must still hash
+    as registered. Reads configs only; `ModelDir.params` reads the weights."""
+    if isinstance(ref, str) and ref.startswith("models:/"):
+        from lmsys.interop.registry import resolve_verified
+
+        resolved = resolve_verified(ref, registry_uri)
+        found = open_model(resolved.run_dir)
+        return dataclasses.replace(found, name=resolved.name, step=resolved.step,
+                                   ref=f"models:/{resolved.name}/{resolved.version}")
+    path = Path(ref).expanduser()
+    if (path / "config.yaml").is_file():
+        from lmsys.config import load_config
+
+        cfg = load_config(path / "config.yaml")
+        cfg.data.tokenizer = _run_tokenizer(cfg.data.tokenizer, path)
+        return ModelDir("run", path, path.name, str(path.absolute()), cfg)
+    if (path / "config.json").is_file():
+        from lmsys.config import from_dict
+        from lmsys.interop.hf_config import config_from_hf, read_hf_config
+
+        hf_config = read_hf_config(path)
+        model = config_from_hf(hf_config)
+        cfg = from_dict({"model": dataclasses.asdict(model),
+                         "data": {"tokenizer": str(path.absolute() / "tokenizer.json")}})
+        return ModelDir("hf", path, path.absolute().name, str(path.absolute()), cfg, hf_config=hf_config)
+    raise CheckpointError(f"{path} is not a training run directory (no config.yaml) nor a Hugging Face "
+                          f"model directory (config.json + *.safetensors); pass the run_dir of an "
+                          f"`lmsys train` run")
+
+
+def load_model(ref: str | Path, rules=None, step: int | None = None,
+               registry_uri: str | None = None) -> LoadedModel:
+    """`open_model(ref)` with its weights (sharded by `rules`, else on one device), tokenizer and
+    end-of-sequence id: what serving and generation need."""
+    found = open_model(ref, registry_uri)
+    params, step = found.params(rules, step)
+    tokenizer = found.tokenizer()
+    return LoadedModel(found.name, found.config, params, tokenizer, found.eos_token_id(tokenizer), step)
+
+
+def _run_tokenizer(spec: str, run_dir: Path) -> str:
+    """A run's data.tokenizer as a path that exists where one does: relative to the run
+    directory when it is there, a directory's tokenizer.json, and the run directory's own
+    tokenizer.json when the original is gone (the directory was moved or copied)."""
+    from lmsys.data.tokenizer import BUILTIN
+
+    if spec == BUILTIN:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and (run_dir / path).exists():
+        path = run_dir / path
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file() and (run_dir / "tokenizer.json").is_file():
+        path = run_dir / "tokenizer.json"
+    return str(path.absolute())

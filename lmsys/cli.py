@@ -38,7 +38,7 @@ def _engine(args, max_slots: int, batch_invariant: bool = False):
     """A run directory's model in an engine configured by the shared serving flags."""
     from lmsys.config import ConfigError
     from lmsys.serve.engine import Engine, EngineConfig
-    from lmsys.serve.load import load_model
+    from lmsys.checkpoint import load_model
 
     rules = _serving_rules(args.data_parallel, args.tensor_parallel)
     if max_slots % args.data_parallel:
@@ -113,7 +113,7 @@ def _serve(args) -> int:
 
 
 def _convert(args) -> int:
-    from lmsys.interop.hf import hf_to_lmsys, lmsys_to_hf
+    from lmsys.interop.convert import hf_to_lmsys, lmsys_to_hf
 
     if args.direction == "from-hf":
         out = hf_to_lmsys(args.src, args.out)
@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("convert", help="convert checkpoints from/to Hugging Face safetensors")
     p.add_argument("direction", choices=["from-hf", "to-hf"],
-                   help="from-hf: HF model dir -> lmsys checkpoint dir; to-hf: run dir -> HF model dir")
-    p.add_argument("src", metavar="SRC", help="from-hf: a Hugging Face model directory; to-hf: a run directory")
+                   help="from-hf: HF model dir -> lmsys checkpoint dir; to-hf: lmsys model -> HF model dir")
+    p.add_argument("src", metavar="SRC", help="from-hf: a Hugging Face model directory; to-hf: a run directory "
+                        "or a registered model (models:/NAME@ALIAS)")
     p.add_argument("out", metavar="OUT_DIR", help="the directory to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="to-hf: the dtype of the written tensors")

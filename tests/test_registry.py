@@ -12,7 +12,7 @@ pytest.importorskip("mlflow")
 
 from common import tiny_config, write_corpus
 
-from lmsys.checkpoint import Checkpointer
+from lmsys.checkpoint import Checkpointer, load_model
 from lmsys.cli import main
 from lmsys.interop.registry import (
     ChangedCheckpointError,
@@ -21,7 +21,6 @@ from lmsys.interop.registry import (
     checkpoint_hash,
     parse_ref,
 )
-from lmsys.serve.load import load_model
 from lmsys.train.loop import train
 
 FSDP8 = {"data": 1, "fsdp": 8, "tensor": 1}
@@ -100,6 +99,34 @@ def test_load_model_from_the_registry_gives_the_checkpoints_params(env, register
     params, _ = ckpt.restore_params(cfg.model)
     ckpt.close()
     for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_registered_model_is_a_source_for_fine_tuning_and_export(env, registered, tmp_path):
+    from lmsys.checkpoint import open_model
+    from lmsys.config import from_dict
+    from lmsys.interop import load_hf
+    from lmsys.train.loop import resolve_init_from
+
+    root, _, cfg = env
+    ckpt = Checkpointer(f"{cfg.run_dir}/checkpoints")
+    params, _ = ckpt.restore_params(cfg.model)
+    ckpt.close()
+    ft = resolve_init_from(from_dict({"init_from": "models:/tiny-code@prod", "run_dir": str(tmp_path / "ft"),
+                                      "data": {"source": cfg.data.source}}))
+    assert ft.init_from == "models:/tiny-code/1"  # the alias pinned to the version it named
+    assert (ft.model.d_model, ft.model.vocab_size, ft.model.qkv_bias) == (64, 512, True)
+    assert ft.data.tokenizer == str(tmp_path / "ft" / "tokenizer.json")  # its trained BPE, carried over
+    assert resolve_init_from(ft).init_from == ft.init_from
+    loaded, step = open_model(ft.init_from).params()
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    assert main(["convert", "to-hf", "models:/tiny-code@prod", str(tmp_path / "hf")]) == 0
+    exported, model = load_hf(tmp_path / "hf")
+    assert model.d_model == 64 and (tmp_path / "hf" / "tokenizer.json").is_file()
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmsys.models import llama
-from lmsys.serve.load import load_model
+from lmsys.checkpoint import load_model
 from lmsys.serve.quantize import QUANT_TYPES, quantize_params
 from lmsys.train.loop import load_data
 from lmsys.train.step import loss_sums

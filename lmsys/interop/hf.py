@@ -1,6 +1,6 @@
-"""Hugging Face interop: Llama / Mistral / Qwen2 / Qwen3 safetensors checkpoints in and out.
+"""Hugging Face safetensors checkpoints in and out (Llama / Mistral / Qwen2 / Qwen3); the
+config.json mapping is lmsys.interop.hf_config, whole-directory conversions lmsys.interop.convert.
 
-    cfg = config_from_hf(json.load(open("hf/config.json")))      # -> ModelConfig
     params, cfg = load_hf("hf/", shardings)                      # each device reads its slices
     save_hf(params, cfg, "out/", tokenizer_dir="hf/", dtype="bfloat16")
 
@@ -8,15 +8,10 @@ No PyTorch at run time: tensors are read with `safe_open(framework="numpy")` (bf
 an ml_dtypes array) and written with `safetensors.numpy`. The lmsys layout is the HF one with
 Linear weights transposed to [in, out], heads split out and layers stacked on axis 0; q/k need
 no permutation because lmsys RoPE rotates halves like HF Llama.
-
-Anything in an HF config that would change the math and lmsys cannot express (an o_proj bias, a
-sliding window, another activation, another RoPE scaling) is refused with a message naming the
-field; nothing is silently dropped.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -24,166 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmsys.checkpoint import CheckpointError
-from lmsys.config import ConfigError, ModelConfig
+from lmsys.config import ModelConfig
+from lmsys.interop.hf_config import ConversionError, config_from_hf, config_to_hf, read_hf_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Kept beside an lmsys checkpoint written by `lmsys convert from-hf`, so `to-hf` can restore the
-# fields lmsys does not model (max_position_embeddings, bos/eos ids).
-SOURCE_CONFIG = "hf_config.json"
-
-
-class ConversionError(CheckpointError):
-    """A Hugging Face checkpoint lmsys cannot read or write; the message says why."""
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _rope(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from a v4 (`rope_theta` + `rope_scaling`) or a v5
-    (`rope_parameters`) config."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = params["full_attention"]  # per-layer-type form
-    scaling = hf.get("rope_scaling")
-    theta = hf.get("rope_theta")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
-        scaling = scaling or params
-    if theta is None:
-        theta = 10000.0
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise ConversionError(
-                f"HF config rope_scaling rope_type '{kind}' is not supported by lmsys (only "
-                f"'llama3' and none); pick a checkpoint without it")
-    return float(theta), scaling
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    """The lmsys ModelConfig of an HF `config.json` (llama, mistral, qwen2 or qwen3), or a
-    ConversionError naming the model_type or field lmsys cannot express."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConversionError(f"HF model_type {model_type!r} is unsupported; supported: "
-                              + ", ".join(SUPPORTED_MODEL_TYPES))
-
-    def refuse(field, value, why):
-        raise ConversionError(f"HF config field {field}={value!r} ({model_type}) is not supported: {why}")
-
-    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
-    if act != "silu":
-        refuse("hidden_act", act, "lmsys uses SwiGLU with silu only")
-    if hf.get("mlp_bias"):
-        refuse("mlp_bias", True, "lmsys MLPs have no biases")
-    qkv_bias = model_type == "qwen2"
-    if hf.get("attention_bias"):
-        if model_type == "llama":
-            refuse("attention_bias", True, "it also adds an o_proj bias, which lmsys lacks")
-        refuse("attention_bias", True, "lmsys has no attention output bias")
-    max_pos = hf.get("max_position_embeddings")
-    window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
-        if hf.get("use_sliding_window"):
-            refuse("use_sliding_window", True, "lmsys has no sliding-window attention")
-    elif window is not None and (max_pos is None or window < max_pos):
-        refuse("sliding_window", window, "lmsys has no sliding-window attention "
-               "(accepted only when null or >= max_position_embeddings)")
-    layer_types = hf.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        refuse("layer_types", sorted(set(layer_types)), "lmsys runs full attention in every layer")
-
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
-        if not isinstance(hf.get(key), int):
-            raise ConversionError(f"HF config has no integer {key} (got {hf.get(key)!r})")
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    theta, scaling = _rope(hf)
-    fields = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                  n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                  n_kv_heads=hf.get("num_key_value_heads") or n_heads, head_dim=head_dim,
-                  d_ff=hf["intermediate_size"], rope_theta=theta,
-                  norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-                  qk_norm=model_type == "qwen3")
-    if scaling is not None:
-        if not isinstance(scaling.get("factor"), (int, float)):
-            refuse("rope_scaling", scaling, "a llama3 rope scaling needs a numeric factor")
-        fields.update(rope_scaling_factor=float(scaling["factor"]),
-                      rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-                      rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-                      rope_original_max_position=int(scaling.get("original_max_position_embeddings", 8192)))
-    from lmsys.config import from_dict
-
-    try:
-        return from_dict({"model": fields}).model
-    except ConfigError as e:
-        raise ConversionError(f"HF config gives an invalid lmsys model: {e}") from None
-
-
-def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None = None) -> dict:
-    """An HF config.json for `model`: LlamaForCausalLM, Qwen2ForCausalLM with qkv_bias or
-    Qwen3ForCausalLM with qk_norm. `base` (e.g. the config an import came from) supplies
-    max_position_embeddings and token ids."""
-    base = base or {}
-    if model.n_experts:
-        raise ConversionError(f"model.n_experts={model.n_experts}: mixture-of-experts models have no "
-                              "Hugging Face export in lmsys (only dense Llama, Qwen2 and Qwen3 "
-                              "layouts); keep the lmsys checkpoint to serve or fine-tune it")
-    if model.qkv_bias and model.qk_norm:
-        raise ConversionError("model.qkv_bias with model.qk_norm has no Hugging Face architecture "
-                              "(Qwen3's attention_bias also adds an o_proj bias); export needs one "
-                              "of them off")
-    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if model.qk_norm else
-                        ("Qwen2ForCausalLM", "qwen2") if model.qkv_bias else
-                        ("LlamaForCausalLM", "llama"))
-    scaling = None
-    max_pos = base.get("max_position_embeddings")
-    if model.rope_scaling_factor:
-        scaling = {"rope_type": "llama3", "factor": model.rope_scaling_factor,
-                   "low_freq_factor": model.rope_low_freq_factor,
-                   "high_freq_factor": model.rope_high_freq_factor,
-                   "original_max_position_embeddings": model.rope_original_max_position}
-        max_pos = max_pos or int(model.rope_original_max_position * model.rope_scaling_factor)
-    cfg = {
-        "architectures": [arch],
-        "model_type": model_type,
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.d_model,
-        "intermediate_size": model.d_ff,
-        "num_hidden_layers": model.n_layers,
-        "num_attention_heads": model.n_heads,
-        "num_key_value_heads": model.n_kv_heads,
-        "head_dim": model.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_pos or 4096,
-        "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta,
-        "rope_scaling": scaling,
-        "tie_word_embeddings": model.tie_embeddings,
-        "torch_dtype": dtype,
-        "initializer_range": model.init_std,
-        "use_cache": True,
-    }
-    if model_type == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0)
-    else:
-        cfg.update(use_sliding_window=False, sliding_window=None, attention_dropout=0.0)
-        if model_type == "qwen3":
-            cfg.update(attention_bias=False)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if base.get(key) is not None:
-            cfg[key] = base[key]
-    return cfg
 
 
 # ----------------------------------------------------------------------------- tensor mapping
@@ -332,22 +174,6 @@ class _TensorReader:
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The part `index` of tensor `name`; only those bytes are read from the file."""
         return self.handles[self.weight_map[name]].get_slice(name)[index]
-
-
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from None
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and (
-        (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")))
 
 
 def _ignorable(name: str, model: ModelConfig) -> bool:
@@ -534,125 +360,3 @@ def save_hf(params: dict, model: ModelConfig, out_dir: str | Path, tokenizer_dir
                 base.setdefault("bos_token_id", eos if tok.token_to_id(ENDOFTEXT) == eos else None)
     (out / "config.json").write_text(json.dumps(config_to_hf(model, dtype, base), indent=2) + "\n")
     return out
-
-
-# ----------------------------------------------------------------------------- lmsys checkpoints
-
-
-def _tokenizer_dir(spec: str) -> Path | None:
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        return path
-    if path.is_file():
-        return path.parent
-    return None
-
-
-def hf_to_lmsys(hf_dir: str | Path, out_dir: str | Path, rules=None) -> Path:
-    """`lmsys convert from-hf`: an lmsys checkpoint directory (config.yaml, checkpoints/ at step
-    0, the tokenizer files, and the source config as hf_config.json) that `lmsys generate` and
-    `lmsys serve` load like a training run."""
-    from lmsys.checkpoint import Checkpointer, make_meta
-    from lmsys.config import MeshConfig, from_dict, save_config
-    from lmsys.models import llama
-    from lmsys.parallel import Rules, build_mesh
-
-    hf_dir, out = Path(hf_dir), Path(out_dir).absolute()
-    hf_config = read_hf_config(hf_dir)
-    model = config_from_hf(hf_config)
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise ConversionError(f"{out} already holds checkpoints; choose a new output directory")
-    rules = rules or Rules(build_mesh(MeshConfig()))
-    shardings = rules.tree_shardings(llama.param_axes(model), llama.param_shapes(model))
-    params, model = load_hf(hf_dir, shardings)
-    out.mkdir(parents=True, exist_ok=True)
-    copied = copy_tokenizer_files(hf_dir, out)
-    if "tokenizer.json" not in copied:
-        print(f"warning: {hf_dir} has no tokenizer.json; put one in {out} before generating")
-    (out / SOURCE_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
-    cfg = from_dict({"model": dataclasses.asdict(model),
-                     "data": {"tokenizer": str(out / "tokenizer.json")},
-                     "run_dir": str(out)})
-    save_config(cfg, out / "config.yaml")
-    ckpt = Checkpointer(out / "checkpoints", keep=1, async_save=False)
-    try:
-        ckpt.save(0, {"params": params}, make_meta(0, 0, model, rules.mesh))
-    finally:
-        ckpt.close()
-    return out
-
-
-def lmsys_to_hf(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", step: int | None = None,
-                max_shard_size: int = 5 * 2**30, rules=None) -> Path:
-    """`lmsys convert to-hf`: an HF directory from a training run directory or the output of
-    `convert from-hf` (config.yaml + checkpoints/)."""
-    from lmsys.checkpoint import load_run
-    from lmsys.config import MeshConfig
-    from lmsys.parallel import Rules, build_mesh
-
-    run_dir = Path(run_dir)
-    cfg, params, _ = load_run(run_dir, rules or Rules(build_mesh(MeshConfig())), step)
-    base = None
-    if (run_dir / SOURCE_CONFIG).is_file():
-        base = json.loads((run_dir / SOURCE_CONFIG).read_text())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok_dir = _resolve_tokenizer_dir(cfg.data.tokenizer, run_dir)
-    if tok_dir is None:  # the builtin BPE: write its tokenizer.json
-        from lmsys.data import tokenizer_for
-
-        tok = tokenizer_for(cfg.data, cfg.model.vocab_size)
-        tok.save(str(out / "tokenizer.json"))
-        _write_tokenizer_config(out)
-        tok_dir = out
-    save_hf(params, cfg.model, out, tokenizer_dir=tok_dir, dtype=dtype,
-            max_shard_size=max_shard_size, base_config=base)
-    if not (out / "tokenizer_config.json").is_file() and (out / "tokenizer.json").is_file():
-        _write_tokenizer_config(out)
-    return out
-
-
-def _resolve_tokenizer_dir(spec: str, run_dir: Path) -> Path | None:
-    """The directory holding the run's tokenizer.json, or None for the builtin tokenizer; a
-    path that no longer exists falls back to a tokenizer.json inside the run directory."""
-    from lmsys.data.tokenizer import BUILTIN
-
-    if spec == BUILTIN:
-        return None
-    found = _tokenizer_dir(spec)
-    if found is None and (run_dir / "tokenizer.json").is_file():
-        return run_dir
-    if found is None:
-        raise ConversionError(f"tokenizer {spec!r} of {run_dir}/config.yaml does not exist; "
-                              f"copy its tokenizer.json into {run_dir}")
-    return found
-
-
-def _write_tokenizer_config(out: Path) -> None:
-    """A minimal tokenizer_config.json so `transformers.AutoTokenizer` loads tokenizer.json."""
-    from tokenizers import Tokenizer
-
-    from lmsys.data.tokenizer import EOS_CANDIDATES, PAD_CANDIDATES, _first_token_id
-
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
-    eos = _first_token_id(tok, EOS_CANDIDATES)
-    if eos is not None:
-        conf["eos_token"] = tok.id_to_token(eos)
-    pad = _first_token_id(tok, PAD_CANDIDATES)
-    if pad is not None:
-        conf["pad_token"] = tok.id_to_token(pad)
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
-
-
-__all__ = [
-    "ConversionError",
-    "config_from_hf",
-    "config_to_hf",
-    "hf_to_lmsys",
-    "is_hf_dir",
-    "lmsys_to_hf",
-    "load_hf",
-    "read_hf_config",
-    "save_hf",
-]

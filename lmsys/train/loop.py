@@ -61,73 +61,53 @@ _RUN_MODEL_KEYS = ("preset", "attention_impl", "init_std")
 
 
 def resolve_init_from(cfg: Config) -> Config:
-    """With `init_from` set: the config whose model.* come from the source (an HF config.json or
-    an lmsys run's config.yaml) and whose data.tokenizer is the source's (unless set), init_from
-    made absolute. A model.* key set in the config to another value than the source's is an
-    error naming it. Without init_from: `cfg` unchanged. Idempotent."""
+    """With `init_from` set: the config whose model.* come from the source (an HF config.json, an
+    lmsys run's config.yaml or a registered model, read by `lmsys.checkpoint.open_model`) and
+    whose data.tokenizer is the source's (unless set); init_from pinned (an absolute directory, or
+    models:/NAME/VERSION). A model.* key set in the config to another value than the source's is
+    an error naming it. Without init_from: `cfg` unchanged. Idempotent."""
     if not cfg.init_from:
         return cfg
     import dataclasses
 
-    from lmsys.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
-    from lmsys.interop.hf import config_from_hf, read_hf_config
+    from lmsys.checkpoint import open_model
+    from lmsys.config import ConfigError, ModelConfig, from_dict, to_dict
 
-    src = Path(cfg.init_from).expanduser().absolute()
-    if not src.is_dir():
-        raise ConfigError(f"config key 'init_from' = {cfg.init_from!r}: no such directory; give a Hugging "
-                          f"Face model directory (config.json + *.safetensors) or an lmsys run directory "
-                          f"(config.yaml + checkpoints/)")
-    kind = _init_kind(src)
-    if kind == "hf":
-        model = config_from_hf(read_hf_config(src))
-        tokenizer = str(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else None
-    elif kind == "lmsys":
-        source_cfg = load_config(src / "config.yaml")
-        model, tokenizer = source_cfg.model, _source_tokenizer(source_cfg, src, path_or_url(cfg.run_dir))
+    ref = cfg.init_from
+    if not ref.startswith("models:/") and not Path(ref).expanduser().is_dir():
+        raise ConfigError(f"config key 'init_from' = {ref!r}: no such directory; give a Hugging "
+                          f"Face model directory (config.json + *.safetensors), an lmsys run directory "
+                          f"(config.yaml + checkpoints/) or a registered model (models:/NAME@ALIAS)")
+    src = open_model(ref)
+    model = src.config.model
+    if src.kind == "hf":
+        tokenizer = src.config.data.tokenizer if Path(src.config.data.tokenizer).is_file() else None
     else:
-        raise ConfigError(f"config key 'init_from' = {cfg.init_from!r}: neither a Hugging Face model "
-                          f"directory (config.json + *.safetensors) nor an lmsys run directory (config.yaml)")
+        tokenizer = _source_tokenizer(src.config, src.path, path_or_url(cfg.run_dir))
     if cfg.model.preset:
         raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r}: the model comes from "
-                          f"init_from ({src}); remove model.preset")
+                          f"init_from ({src.ref}); remove model.preset")
     default, mine, theirs = (dataclasses.asdict(m) for m in (ModelConfig(), cfg.model, model))
     for key, value in mine.items():
         if key not in _RUN_MODEL_KEYS and value != default[key] and value != theirs[key]:
             raise ConfigError(f"config key 'model.{key}' = {value!r}: the model comes from init_from "
-                              f"({src}), which has model.{key} = {theirs[key]!r}; remove model.{key}")
+                              f"({src.ref}), which has model.{key} = {theirs[key]!r}; remove model.{key}")
     tree = to_dict(cfg)
     tree["model"] = {**theirs, **{k: mine[k] for k in _RUN_MODEL_KEYS}}
-    tree["init_from"] = str(src)
+    tree["init_from"] = src.ref
     if cfg.data.tokenizer == "builtin":
         if tokenizer is None:
-            raise ConfigError(f"config key 'data.tokenizer' = 'builtin': init_from {src} has no "
+            raise ConfigError(f"config key 'data.tokenizer' = 'builtin': init_from {src.ref} has no "
                               f"tokenizer.json; set data.tokenizer=PATH to the model's tokenizer")
         tree["data"]["tokenizer"] = tokenizer
     return from_dict(tree)
 
 
-def _init_kind(src: Path) -> str | None:
-    """"hf" (config.json and safetensors, or config.json alone: its weights are only read on a
-    fresh start), "lmsys" (config.yaml) or None."""
-    from lmsys.interop.hf import is_hf_dir
-
-    if is_hf_dir(src):
-        return "hf"
-    if (src / "config.yaml").is_file():
-        return "lmsys"
-    return "hf" if (src / "config.json").is_file() else None
-
-
 def _source_tokenizer(source_cfg: Config, src: Path, run_dir: Path) -> str:
     """The tokenizer.json path of an lmsys run; a trained (builtin) one is written to
     run_dir/tokenizer.json so the fine-tune does not retrain it on its own data."""
-    spec = source_cfg.data.tokenizer
-    if spec != "builtin":
-        path = Path(spec).expanduser()
-        if not path.is_absolute() and (src / path).exists():
-            path = src / path
-        path = path.absolute()
-        return str(path / "tokenizer.json" if path.is_dir() else path)
+    if source_cfg.data.tokenizer != "builtin":
+        return source_cfg.data.tokenizer
     from lmsys.data import tokenizer_for
     from lmsys.data.cache import atomic_write_text
 
@@ -158,14 +138,9 @@ def _state_from_params(trainer: Trainer, params):
 
 def load_init_params(cfg: Config, trainer: Trainer):
     """The params of `cfg.init_from` (resolved), loaded straight onto the training shardings."""
-    from lmsys.checkpoint import load_run
-    from lmsys.interop.hf import load_hf
+    from lmsys.checkpoint import open_model
 
-    src = Path(cfg.init_from)
-    if _init_kind(src) == "lmsys":
-        _, params, _ = load_run(src, trainer.rules)
-    else:
-        params, _ = load_hf(src, trainer.param_shardings)
+    params, _ = open_model(cfg.init_from).params(trainer.rules)
     return params
 
 
