@@ -14,6 +14,7 @@ import pytest
 from common import tiny_config, write_corpus
 from lmsys.data import load_tokenizer
 from lmsys.models import llama
+from lmsys.models.attention import _cached_attention
 from lmsys.parallel import Rules, build_mesh
 from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions, RequestError
 from lmsys.serve.sampling import SamplingParams
@@ -455,7 +456,7 @@ def test_cpu_decode_attention_equals_dense_attention_over_gathered_pages(setup, 
     positions = jnp.asarray([[0], [5], [11], [-1], [7]], jnp.int32)
     for layer in range(cfg.n_layers):
         want, want_kv = _reference_cached_attention(q, k, v, pool, layer, table, positions)
-        got, got_kv = jax.jit(llama._cached_attention, static_argnums=7)(
+        got, got_kv = jax.jit(_cached_attention, static_argnums=7)(
             q, k, v, pool, layer, table, positions, "xla")
         live = [0, 1, 2, 4]
         np.testing.assert_allclose(np.asarray(got)[live], np.asarray(want)[live], rtol=1e-5, atol=1e-6)
@@ -471,7 +472,7 @@ def test_first_prefill_chunks_attend_over_their_own_keys(setup):
     pool, table, q, k, v = _pool_and_queries(cfg, B=3, P=4, page_size=4, T=6, seed=0)
     first = jnp.asarray([list(range(6)), [0, 1, 2, -1, -1, -1], [-1] * 6], jnp.int32)
     later = first.at[1].set(jnp.asarray([7, 8, 9, -1, -1, -1]))
-    run = jax.jit(llama._cached_attention, static_argnums=7)
+    run = jax.jit(_cached_attention, static_argnums=7)
     for positions, rows in ((first, [0]), (first, [1]), (later, [0, 1])):
         want, want_kv = _reference_cached_attention(q, k, v, pool, 1, table, positions)
         got, got_kv = run(q, k, v, pool, 1, table, positions, "xla")

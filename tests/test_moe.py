@@ -1,4 +1,4 @@
-"""Mixture of experts (lmsys.models.llama.moe_mlp) and expert parallelism over `mesh.expert`,
+"""Mixture of experts (lmsys.models.moe.moe_mlp) and expert parallelism over `mesh.expert`,
 8 emulated CPU devices, float32: the MoE MLP equals a per-token numpy reference (top-k routing,
 capacity, shared experts, router losses); expert=2/4/8, alone and with fsdp/tensor or pipeline
 stages, give the loss, router losses and gradients of one device; expert=4 holds a quarter of
@@ -14,7 +14,7 @@ from common import synthetic_batch, tiny_config
 from jax.sharding import PartitionSpec as P
 
 from lmsys.config import ConfigError, ModelConfig, from_dict
-from lmsys.models import llama
+from lmsys.models import llama, moe
 from lmsys.parallel import Rules, analysis, build_mesh
 from lmsys.train import Trainer
 
@@ -70,13 +70,13 @@ def _numpy_moe(h, lp, cfg: ModelConfig, capacity: int):
 def test_moe_mlp_matches_a_numpy_reference(capacity_factor, capacity):
     cfg = ModelConfig(d_model=16, d_ff=24, n_layers=1, n_experts=8, experts_per_token=2,
                       n_shared_experts=1, moe_capacity_factor=capacity_factor, init_std=0.5)
-    assert llama.moe_capacity(cfg, 12) == capacity  # dropless: every token; else ceil(1 x 2 x 12 / 8)
-    specs = llama.moe_param_specs(cfg)
+    assert moe.moe_capacity(cfg, 12) == capacity  # dropless: every token; else ceil(1 x 2 x 12 / 8)
+    specs = moe.moe_param_specs(cfg)
     keys = jax.random.split(jax.random.key(0), len(specs) + 1)
     lp = {name: 0.5 * jax.random.normal(k, s.shape[1:]) for k, (name, s) in zip(keys, specs.items())}
     h = jax.random.normal(keys[-1], (3, 12, 16))
-    out, stats = jax.jit(lambda h, lp: llama.moe_mlp(h, lp, cfg=cfg))(h, lp)
-    losses = llama.router_losses(stats, cfg)
+    out, stats = jax.jit(lambda h, lp: moe.moe_mlp(h, lp, cfg=cfg))(h, lp)
+    losses = moe.router_losses(stats, cfg)
     lp_np = {k: np.asarray(v, np.float64) for k, v in lp.items()}
     ref_out, ref_losses = _numpy_moe(np.asarray(h, np.float64), lp_np, cfg, capacity)
     np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)

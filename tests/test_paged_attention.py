@@ -16,7 +16,7 @@ from lmsys.kernels import paged_attention, paged_attention_reference
 from lmsys.kernels.paged_attention import combine_blocks, supported
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
-from lmsys.parallel.kernels import POOL_AXES, sharded_paged_attention
+from lmsys.parallel.sharded_kernels import POOL_AXES, sharded_paged_attention
 
 # ----------------------------------------------------------------------------- the case grid
 # Each row's table has PAGES entries; `lengths` profiles: "edge" cycles 1, 0 (a padding row:

@@ -1,12 +1,19 @@
-"""The one dispatch point for attention, and its plain-XLA implementation.
+"""The per-device dispatch point for attention, and its plain-XLA implementation.
+
+`attention()` picks the kernel that one device (or one shard) runs: a Pallas kernel, cuDNN or
+plain XLA. What depends on the mesh or a KV cache is decided before it, in one place, by
+lmsys.models.attention.layer_attention (the one attention call of a model layer): context
+parallelism, the kernels run per shard under shard_map (lmsys.parallel.sharded_kernels), and the
+paged KV cache (the paged decode kernel, the XLA:CPU decode path, the gather of pages); that
+routing calls `attention()` (or `resolve_impl`) for everything it does not run itself.
 
 Shapes: q_BTNH [batch, q_len, heads, head_dim]; k_BSKH, v_BSKH [batch, kv_len, kv_heads, head_dim]
 with heads a multiple of kv_heads (grouped-query attention).
 
 Implementations: "xla" (plain jnp, below), "pallas" (lmsys.kernels.flash_attention; used for
 self-attention where positions are the sequence indices — training and prefill. A call with
-explicit q/kv positions runs "xla"; the KV-cache decode step (one query token per row) is routed by
-the model to lmsys.kernels.paged_attention when `resolve_impl(impl) == "pallas"`),
+explicit q/kv positions runs "xla"; the KV-cache decode step (one query token per row) is routed
+by lmsys.models.attention to lmsys.kernels.paged_attention when `resolve_impl(impl) == "pallas"`),
 "cudnn" (GPU only: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused kernel,
 bf16/fp16; segment ids become a dense [batch, 1, q_len, kv_len] mask; no logits soft cap; calls
 with explicit positions run "xla", as for "pallas"),

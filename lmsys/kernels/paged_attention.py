@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from lmsys.kernels.flash_attention import _NN, _NT, MASK_VALUE, _dot
+from lmsys.kernels.flash_attention_body import _NN, _NT, MASK_VALUE, _dot
 
 BACKENDS = ("gpu", "tpu", "cpu")
 DEFAULT_BLOCK_TOKENS = 512  # tokens (pages_per_block * page_size) per program, by default

@@ -4,7 +4,7 @@ over the `expert` mesh axis.
     y_EBCD = expert_parallel(ffn, x_EBCD, (w_gate, w_up, w_down), rules=rules)
 
 `x_EBCD` holds each row's tokens already sorted into expert slots ([experts, batch, capacity,
-d_model], lmsys.models.llama.moe_mlp); its rows are split over `expert` like the rest of the
+d_model], lmsys.models.moe.moe_mlp); its rows are split over `expert` like the rest of the
 batch. Inside a `jax.shard_map` manual over `expert` only (data/fsdp/tensor shardings stay
 automatic; the model's constraints use `Rules.manual`), one all-to-all sends each device's slots
 for expert e to the device holding expert e, the local experts run on the slots of all rows, and

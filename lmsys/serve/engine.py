@@ -78,7 +78,7 @@ from jax.sharding import PartitionSpec
 from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
-from lmsys.parallel.kernels import POOL_AXES
+from lmsys.parallel.sharded_kernels import POOL_AXES
 from lmsys.serve.sampling import SamplingParams, next_token_logprobs, sample
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 

@@ -22,6 +22,7 @@ from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.parallel.analysis import zero1_table
 from lmsys.parallel.context import to_load_balanced
+from lmsys.parallel.fsdp import fsdp_gather
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -233,8 +234,8 @@ class Trainer:
     def _chunked_loss_sums(self, params, x_BTD, targets_BT, mask_BT, chunk: int):
         """`loss_sums` of the final hidden states, `chunk` positions at a time (`chunked_loss_sums`)
         with the output projection all-gathered over fsdp once."""
-        w_DV = llama.fsdp_gather(llama.unembed_weight(params, cfg=self.cfg.model, dtype=self.dtype),
-                                 self.rules, ("embed", "vocab"))
+        w_DV = fsdp_gather(llama.unembed_weight(params, cfg=self.cfg.model, dtype=self.dtype),
+                           self.rules, ("embed", "vocab"))
         return chunked_loss_sums(x_BTD, w_DV, targets_BT, mask_BT, chunk, self.rules)
 
     def grads(self, params, batch):

@@ -1,0 +1,27 @@
+"""Pieces every model module shares: the parameter spec, the optional activation-sharding pin and
+the SwiGLU MLP (a dense layer's MLP, and an MoE layer's shared experts)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ParamSpec(NamedTuple):
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str  # "normal" | "ones" | "zeros"
+
+
+def constrain(rules, x, axes):
+    """`x` pinned to the layout the rule table gives logical `axes`; as is without rules."""
+    return x if rules is None else rules.constrain(x, axes)
+
+
+def swiglu(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules):
+    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w_gate_DF)
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w_up_DF)
+    hidden_BTF = constrain(rules, jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+    return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD)
