@@ -149,7 +149,7 @@ def _engine_flags(p) -> None:
 def _plan(args) -> int:
     import json
 
-    from lmsys import plan as planner
+    from lmsys.plan import planner
     from lmsys.config import load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
-    from lmsys.plan import PlanError
+    from lmsys.plan.planner import PlanError
     from lmsys.serve.engine import RequestError
     from lmsys.train.loop import TrainingError
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmsys.dotted import all_keys, build, flatten
 
 
 class ConfigError(ValueError):
@@ -187,26 +186,6 @@ DATA_FORMATS = ("text", "chat")
 # ----------------------------------------------------------------------------- building
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _field_type(cls, name: str):
-    return typing.get_type_hints(cls)[name]
-
-
-def all_keys(cls=Config, prefix: str = "") -> list[str]:
-    """Every dotted key a config accepts, e.g. `model.d_model`."""
-    keys = []
-    for name in _fields(cls):
-        t = _field_type(cls, name)
-        if dataclasses.is_dataclass(t):
-            keys += all_keys(t, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
 def _unknown(key: str) -> ConfigError:
     if key == "mesh.dcn_tensor":
         return ConfigError(
@@ -214,63 +193,9 @@ def _unknown(key: str) -> ConfigError:
             "in every layer, too often for the data-center network between slices / nodes; keep "
             "mesh.tensor inside a granule and span granules with mesh.dcn_data, dcn_fsdp, dcn_stage, "
             "dcn_expert or dcn_sequence")
-    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    near = difflib.get_close_matches(key, all_keys(Config), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else "; see lmsys/config.py for the keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _coerce(key: str, value: Any, t) -> Any:
-    """Converts a YAML / command-line value to the field's type, or says why it can't."""
-    if isinstance(t, types.UnionType):
-        t = next(a for a in typing.get_args(t) if a is not type(None))
-    try:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if t is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if t is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if t is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise AssertionError(f"unhandled config type {t}")
-    raise ConfigError(f"config key '{key}' must be {t.__name__}, got {value!r}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + str(k)] = v
-    return flat
-
-
-def _build(cls, flat: dict[str, Any], prefix: str = ""):
-    kwargs = {}
-    for name in _fields(cls):
-        t = _field_type(cls, name)
-        key = prefix + name
-        if dataclasses.is_dataclass(t):
-            kwargs[name] = _build(t, flat, key + ".")
-        elif key in flat:
-            kwargs[name] = _coerce(key, flat[key], t)
-    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -286,11 +211,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Builds and validates a Config from a nested dict (a parsed YAML file) and overrides."""
-    flat = _flatten(tree or {})
+    flat = flatten(tree or {})
     for text in overrides:
         k, v = parse_override(text)
         flat[k] = v
-    known = set(all_keys())
+    known = set(all_keys(Config))
     for key in flat:
         if key not in known:
             raise _unknown(key)
@@ -302,7 +227,10 @@ def from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
             raise ConfigError(
                 f"model.preset '{preset}' is unknown; choose one of {', '.join(PRESETS)}")
         flat = {**{f"model.{k}": v for k, v in PRESETS[preset].items()}, **flat}
-    cfg = _build(Config, flat)
+    try:
+        cfg = build(Config, flat)
+    except TypeError as e:  # a value that is not of its key's type
+        raise ConfigError(str(e)) from None
     validate(cfg)
     return cfg
 

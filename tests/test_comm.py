@@ -1,7 +1,7 @@
-"""lmsys.parallel.hlo and lmsys.bench.comm: the HLO collective parser on a compiled
+"""lmsys.plan.hlo and lmsys.bench.comm: the HLO collective parser on a compiled
 data-parallel step (its all-reduce bytes are the gradient bytes) and on hand-written HLO (loop
 trip counts, async pairs, replica group forms), the analytical minimum of
-lmsys.parallel.analysis, and the loop-aware matmul FLOP count (scans, nested scans, the train
+lmsys.plan.analysis, and the loop-aware matmul FLOP count (scans, nested scans, the train
 step, convolutions against XLA's own count, the TPU and GPU dialects)."""
 
 import jax
@@ -12,8 +12,8 @@ from common import tiny_config
 from lmsys.bench.comm import compile_step, measure
 from lmsys.config import from_dict
 from lmsys.models.llama import flops_per_token
-from lmsys.parallel import analysis
-from lmsys.parallel.hlo import collective_bytes, group_size, matmul_flops
+from lmsys.plan import analysis
+from lmsys.plan.hlo import collective_bytes, group_size, matmul_flops
 
 # untied: with tied embeddings the embedding's two gradient parts are all-reduced separately
 UNTIED = {"tie_embeddings": False}

@@ -14,12 +14,12 @@ from common import synthetic_batch, tiny_config
 from lmsys.config import ConfigError, MeshConfig
 from lmsys.kernels.attention import xla_attention
 from lmsys.parallel import Rules, build_mesh
-from lmsys.parallel.analysis import activation_bytes_per_device, attention_pairs_per_row
 from lmsys.parallel.context import (
     attention_work_per_device,
     context_parallel_attention,
     to_load_balanced,
 )
+from lmsys.plan.analysis import activation_bytes_per_device, attention_pairs_per_row
 from lmsys.train import Trainer
 
 

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from lmsys.config import ConfigError, ModelConfig, from_dict
 from lmsys.models import llama, moe
-from lmsys.parallel import Rules, analysis, build_mesh
+from lmsys.parallel import Rules, build_mesh
+from lmsys.plan import analysis
 from lmsys.train import Trainer
 
 MOE = {"n_experts": 8, "experts_per_token": 2, "moe_d_ff": 32, "n_shared_experts": 1,
@@ -164,7 +165,7 @@ def test_expert_parallel_matches_one_device(name, reference):
 
 def test_expert4_holds_a_quarter_of_the_expert_weights():
     """Per-device argument bytes of the compiled train step (params, Adam moments, batch) match
-    lmsys.parallel.analysis, in which expert=4 holds 1/4 of the expert weights."""
+    lmsys.plan.analysis, in which expert=4 holds 1/4 of the expert weights."""
     trainer = _trainer({"expert": 4, "fsdp": 1}, model={"moe_d_ff": 256, "n_shared_experts": 0})
     cfg = trainer.cfg
     whole = analysis.expert_param_bytes_per_device(cfg.model, {})

@@ -1,5 +1,5 @@
-"""The model, kernels, train-step and engine paths import only the core stack (jax, flax, optax,
-orbax, chex, numpy), so they run on an accelerator host with nothing else installed."""
+"""The model, kernels, train-step and engine paths import only the core stack (jax, optax,
+orbax, numpy), so they run on an accelerator host with nothing else installed."""
 
 import subprocess
 import sys

@@ -11,8 +11,9 @@ import pytest
 
 from common import synthetic_batch, tiny_config
 from lmsys.config import ConfigError
-from lmsys.parallel import Rules, analysis, build_mesh
+from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.pipeline import bubble_fraction
+from lmsys.plan import analysis
 from lmsys.train import Trainer
 
 LAYERS8 = {"n_layers": 8}  # splits into 2 x 2 and 4 x 2 chunks
@@ -62,7 +63,7 @@ def test_pipeline_matches_one_device(name, reference):
 
 def test_stage4_holds_a_quarter_of_the_layer_state():
     """Per-device argument bytes of the compiled train step (params, Adam moments, batch) match
-    lmsys.parallel.analysis, in which stage=4 holds 1/4 of the layer params and moments."""
+    lmsys.plan.analysis, in which stage=4 holds 1/4 of the layer params and moments."""
     model = {"n_layers": 8, "d_model": 128, "d_ff": 512}
     cfg = tiny_config({"stage": 4, "fsdp": 1}, model=model)
     sizes = {"stage": 4}

@@ -7,10 +7,10 @@ import re
 import jax
 import pytest
 
-from lmsys import plan
 from lmsys.cli import main
 from lmsys.config import from_dict, load_config
-from lmsys.parallel.hlo import parse
+from lmsys.plan import planner as plan
+from lmsys.plan.hlo import parse
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="no libtpu: the TPU ahead-of-time compile tests "

@@ -1,5 +1,5 @@
 """Collective bytes per device of the compiled train step, per parallelism strategy, next to the
-analytical minimum (lmsys.parallel.analysis.collective_bytes_min).
+analytical minimum (lmsys.plan.analysis.collective_bytes_min).
 
     python -m lmsys.bench.comm                      # all strategies, `small` preset, 8 CPU devices
     python -m lmsys.bench.comm --only data8 fsdp8   # a subset
@@ -10,8 +10,8 @@ strategy it builds the Trainer, compiles the train step ahead of time
 (`trainer.step.lower(abstract_state, abstract_batch).compile()`, no arrays are allocated) and
 parses the compiled, SPMD-partitioned HLO text (`compiled.as_text()`) for all-reduce, all-gather,
 reduce-scatter, all-to-all and collective-permute, incl. the async `-start`/`-done` pairs
-(counted once, at `-done`), with lmsys.parallel.hlo.collective_bytes. Shapes in that HLO are
-per device. `--flops` adds each step's matmul FLOPs per device (lmsys.parallel.hlo.matmul_flops).
+(counted once, at `-done`), with lmsys.plan.hlo.collective_bytes. Shapes in that HLO are
+per device. `--flops` adds each step's matmul FLOPs per device (lmsys.plan.hlo.matmul_flops).
 
 Two byte counts per collective:
 - result bytes: the bytes of the op's result shape(s), per device;
@@ -43,11 +43,11 @@ import jax
 
 from lmsys.config import from_dict
 from lmsys.models.llama import flops_per_token
-from lmsys.parallel.analysis import collective_bytes_min
-from lmsys.parallel.hlo import KINDS, CollectiveBytes, collective_bytes, matmul_flops
 from lmsys.parallel.mesh import MESH_AXES
-from lmsys.plan import PlanError, aot_compile
-from lmsys.plan import tpu_devices as plan_tpu_devices
+from lmsys.plan.analysis import collective_bytes_min
+from lmsys.plan.hlo import KINDS, CollectiveBytes, collective_bytes, matmul_flops
+from lmsys.plan.planner import PlanError, aot_compile
+from lmsys.plan.planner import tpu_devices as plan_tpu_devices
 
 # name -> config tree (over --preset, --batch-size, --seq-len, --dtype)
 STRATEGIES = {
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--tpu-topology", default="v5p:2x2x2", help="with --platform tpu (8 chips)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     p.add_argument("--flops", action="store_true",
-                   help="also print each step's matmul GFLOP per device (lmsys.parallel.hlo.matmul_flops, "
+                   help="also print each step's matmul GFLOP per device (lmsys.plan.hlo.matmul_flops, "
                         "loop trips included) next to the model's (flops_per_token x tokens / devices)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every strategy, e.g. --set model.n_layers=2")
@@ -106,14 +106,14 @@ def measure(cfg, devices=None) -> tuple[CollectiveBytes, dict[str, int]]:
 
 
 def compile_step(cfg, devices=None) -> tuple[str, dict[str, int]]:
-    """`measure`'s compile (lmsys.plan.aot_compile): the compiled, SPMD-partitioned HLO text of
+    """`measure`'s compile (lmsys.plan.planner.aot_compile): the compiled, SPMD-partitioned HLO text of
     `cfg`'s train step and the resolved mesh sizes."""
     compiled, sizes = aot_compile(cfg, jax.devices() if devices is None else devices)
     return compiled.as_text(), sizes
 
 
 def tpu_devices(topology: str) -> list:
-    """lmsys.plan.tpu_devices, as a command-line error."""
+    """lmsys.plan.planner.tpu_devices, as a command-line error."""
     try:
         return plan_tpu_devices(topology)
     except PlanError as e:

@@ -11,7 +11,7 @@ from). Everything is kept as model-version tags (strings), so any MLflow trackin
 default is a local SQLite database: $LMSYS_REGISTRY_URI, else
 sqlite:///~/.local/share/lmsys/registry.db. mlflow is imported only when the registry is used.
 
-`MlflowTracker` is the training loop's hook for `tracking.mlflow=true`.
+The training loop's `tracking.mlflow=true` hook, MlflowTracker, is in lmsys.interop.tracking.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def default_uri() -> str:
     return f"sqlite:///{data_dir() / 'registry.db'}"
 
 
-def _prepare_uri(uri: str | None) -> str:
+def prepare_uri(uri: str | None) -> str:
     uri = uri or default_uri()
     if uri.startswith("sqlite:///"):  # create the database's directory on first use
         Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +187,7 @@ class Registry:
             from mlflow.exceptions import MlflowException
         except ImportError:
             raise RegistryError(INSTALL_HINT) from None
-        self.uri = _prepare_uri(uri)
+        self.uri = prepare_uri(uri)
         self._mlflow_error = MlflowException
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
@@ -399,84 +399,6 @@ def resolve_verified(ref: str, uri: str | None = None) -> Resolved:
     resolved = Registry(uri).resolve(ref)
     resolved.verify()
     return resolved
-
-
-# ----------------------------------------------------------------------------- training hook
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + str(k)] = str(v)
-    return flat
-
-
-class MlflowTracker:
-    """Logs a training run to MLflow: the resolved config as params, each metrics record as
-    metrics at its step. A resumed run_dir continues the same MLflow run (new params only)."""
-
-    def __init__(self, cfg, uri: str | None = None):
-        try:
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric, Param
-            from mlflow.exceptions import MlflowException
-        except ImportError:
-            raise RegistryError(f"tracking.mlflow=true: {INSTALL_HINT}") from None
-        self._metric = Metric
-        self.uri = _prepare_uri(uri or cfg.tracking.uri or None)
-        try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self._start(cfg, Param)
-        except MlflowException as e:
-            raise RegistryError(f"tracking.mlflow=true: cannot start an MLflow run at {self.uri} "
-                                f"({str(e.message).splitlines()[0]}); fix tracking.uri") from None
-
-    def _start(self, cfg, Param) -> None:
-        import dataclasses
-
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in cwd
-                location = (Path(self.uri[len("sqlite:///"):]).expanduser().parent / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
-        run_dir = str(Path(cfg.run_dir).absolute())
-        ckpts = Path(run_dir) / "checkpoints"  # resuming: continue that run dir's MLflow run
-        resuming = ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir())
-        found = resuming and self.client.search_runs(
-            [exp_id], filter_string="tags.`lmsys.run_dir` = '{}'".format(run_dir.replace("'", "\\'")),
-            max_results=1, order_by=["attributes.start_time DESC"])
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            have = set(found[0].data.params)
-        else:
-            run = self.client.create_run(exp_id, run_name=Path(run_dir).name,
-                                         tags={"lmsys.run_dir": run_dir})
-            self.run_id, have = run.info.run_id, set()
-        params = [Param(k, v[:6000]) for k, v in _flatten(dataclasses.asdict(cfg)).items() if k not in have]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
-
-    def write(self, record: dict) -> None:
-        now = int(time.time() * 1000)
-        step = int(record["step"])
-        metrics = [self._metric(k, float(v), now, step) for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-    def close(self) -> None:
-        """Ends the MLflow run: FAILED when called while an exception propagates."""
-        import sys
-
-        failed = sys.exc_info()[0] is not None and not isinstance(sys.exc_info()[1], KeyboardInterrupt)
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 # ----------------------------------------------------------------------------- CLI

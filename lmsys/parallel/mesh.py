@@ -50,6 +50,12 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
 }
 
+
+def zero1_table(table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The rule table of the Adam moments under ZeRO-1: split over `data` as well."""
+    return {**table, "embed": ("fsdp", "data")}
+
+
 LogicalAxes = tuple[str | None, ...]
 
 

@@ -214,7 +214,7 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     writer = MetricsWriter(run_dir) if lead else None
     tracker = None
     if lead and cfg.tracking.mlflow:  # mlflow is imported only when enabled
-        from lmsys.interop.registry import MlflowTracker
+        from lmsys.interop.tracking import MlflowTracker
 
         tracker = MlflowTracker(cfg)
     bar = _progress_bar(cfg.steps, step) if (progress and lead) else None

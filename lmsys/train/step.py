@@ -20,9 +20,9 @@ from jax.sharding import PartitionSpec as P
 from lmsys.config import Config, OptimizerConfig, check_mesh
 from lmsys.models import llama
 from lmsys.parallel import Rules
-from lmsys.parallel.analysis import zero1_table
 from lmsys.parallel.context import to_load_balanced
 from lmsys.parallel.fsdp import fsdp_gather
+from lmsys.parallel.mesh import zero1_table
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

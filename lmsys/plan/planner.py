@@ -5,7 +5,7 @@ accelerator time is spent.
     lmsys plan recipes/configs/llama3-8b.yaml --devices 8 --hardware h100 --search
     lmsys plan recipes/configs/llama3-8b.yaml mesh.fsdp=-1 --topology v5p:4x4x4   # + TPU compile
 
-The analytical model (lmsys.parallel.analysis) gives per-device memory by part, collective bytes
+The analytical model (lmsys.plan.analysis) gives per-device memory by part, collective bytes
 per step by cause, and matmul FLOPs; a roofline turns them into a step-time estimate and MFU on
 the chosen hardware's datasheet figures. `--topology` also compiles the real train step for a
 TPU topology ahead of time on this machine (the `tpu` extra's libtpu; no TPU needed) and prints
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from lmsys.config import MESH_AXES, Config, ConfigError, check_mesh
 from lmsys.models import llama
-from lmsys.parallel.analysis import (
+from lmsys.plan.analysis import (
     ARGUMENT_PARTS,
     collective_bytes_min,
     train_memory_per_device,
@@ -210,7 +210,7 @@ def aot_compile(cfg: Config, devices) -> tuple:
 def compiled_figures(compiled, n_devices: int) -> dict:
     """Per-device memory (XLA's memory_analysis), collective bytes by kind and matmul FLOPs
     (each loop body times its trip count) of a compiled step."""
-    from lmsys.parallel.hlo import collective_bytes, matmul_flops
+    from lmsys.plan.hlo import collective_bytes, matmul_flops
 
     ma = compiled.memory_analysis()
     text = compiled.as_text()

@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh
 
 from lmsys.config import MESH_AXES, ModelConfig
 from lmsys.models import llama
-from lmsys.parallel.mesh import DEFAULT_RULES, Rules
+from lmsys.parallel.mesh import DEFAULT_RULES, Rules, zero1_table
 
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of each compute dtype
@@ -29,11 +29,6 @@ def per_device(n: int, shards: int) -> int:
     """A dimension of n split over `shards` devices as the rule table splits it: evenly, or
     left whole when they do not divide it."""
     return n // shards if n % shards == 0 else n
-
-
-def zero1_table(table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """The rule table of the Adam moments under ZeRO-1: split over `data` as well."""
-    return {**table, "embed": ("fsdp", "data")}
 
 
 def _rules(sizes: dict[str, int], table: dict | None) -> Rules:
@@ -65,7 +60,7 @@ def expert_param_bytes_per_device(model: ModelConfig, sizes: dict[str, int], *, 
     holds: 1/expert of them with expert parallelism (and split further by fsdp/tensor); 0 for a
     dense model. Included in `param_bytes_per_device`'s `layers`."""
     rules = _rules(sizes, table)
-    specs = llama.moe_param_specs(model).values() if model.n_experts else ()
+    specs = jax.tree.leaves(llama.param_specs(model)["layers"], is_leaf=lambda x: isinstance(x, llama.ParamSpec))
     return sum(_bytes_per_device(rules, s, itemsize) for s in specs if "experts" in s.axes)
 
 
@@ -113,8 +108,8 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
       final norm (with tied embeddings the table is the head).
     - `embedding all-to-all` (fsdp = f): the table stays in its d_model shards; the token ids
       are all-gathered over fsdp, each device looks up its group's rows in its own slice, and an
-      all-to-all hands each device its rows whole (llama.embed_lookup); the gradient goes back by
-      the transposed all-to-all: (f-1)/f x (2 x B_loc x T_loc x d_model x itemsize + f x B_loc x
+      all-to-all hands each device its rows whole (lmsys.parallel.fsdp.embed_lookup); the
+      gradient goes back by the transposed all-to-all: (f-1)/f x (2 x B_loc x T_loc x d_model x itemsize + f x B_loc x
       T_loc x 4 bytes of int32 ids).
     - `tensor activations` (Megatron over tensor = t): per layer 2 all-reduces forward (after
       attention's and the MLP's row-parallel matmuls) and 2 backward (the input gradients of
