@@ -109,8 +109,8 @@ def collective_bytes_min(cfg, sizes: dict[str, int]) -> dict[str, float]:
     - `embedding all-to-all` (fsdp = f): the table stays in its d_model shards; the token ids
       are all-gathered over fsdp, each device looks up its group's rows in its own slice, and an
       all-to-all hands each device its rows whole (lmsys.parallel.fsdp.embed_lookup); the
-      gradient goes back by the transposed all-to-all: (f-1)/f x (2 x B_loc x T_loc x d_model x itemsize + f x B_loc x
-      T_loc x 4 bytes of int32 ids).
+      gradient goes back by the transposed all-to-all: (f-1)/f x (2 x B_loc x T_loc x d_model x
+      itemsize + f x B_loc x T_loc x 4 bytes of int32 ids).
     - `tensor activations` (Megatron over tensor = t): per layer 2 all-reduces forward (after
       attention's and the MLP's row-parallel matmuls) and 2 backward (the input gradients of
       the column-parallel matmuls), plus 1 for the vocab-parallel embedding lookup (forward)
