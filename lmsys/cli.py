@@ -76,7 +76,7 @@ def _serving_rules(data: int, tensor: int):
 
 
 def _generate(args) -> int:
-    from lmsys.serve.engine import GenerationOptions
+    from lmsys.serve.scheduler import GenerationOptions
 
     dp = args.data_parallel  # one slot per prompt, rounded up to whole data-parallel groups
     _, engine = _engine(args, max_slots=-(-len(args.prompt) // dp) * dp)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
     from lmsys.plan import PlanError
-    from lmsys.serve.engine import RequestError
+    from lmsys.serve.scheduler import RequestError
     from lmsys.train.loop import TrainingError
 
     try:

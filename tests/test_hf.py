@@ -27,7 +27,8 @@ from lmsys.interop import hf as hf_interop
 from lmsys.interop.hf import INDEX_FILE
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
-from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions
+from lmsys.serve.engine import Engine, EngineConfig
+from lmsys.serve.scheduler import GenerationOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T, NEW = 96, 24, 32
