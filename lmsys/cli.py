@@ -101,7 +101,8 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    from lmsys.serve.server import load_chat_template, serve
+    from lmsys.data.chat_template import load_chat_template
+    from lmsys.serve.server import serve
 
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
     print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "

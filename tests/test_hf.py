@@ -321,8 +321,8 @@ def test_convert_and_generate(tmp_path, capsys):
     assert main(["serve", str(out), "--max-slots", "3", "--data-parallel", "2"]) == 2
     assert "--max-slots 3 must be a multiple of --data-parallel 2" in capsys.readouterr().err
 
+    from lmsys.data.chat_template import load_chat_template
     from lmsys.serve.load import load_model
-    from lmsys.serve.server import load_chat_template
 
     loaded = load_model(out)
     assert load_chat_template(loaded.config.data.tokenizer) == CHAT_TEMPLATE
