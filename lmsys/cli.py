@@ -76,7 +76,7 @@ def _serving_rules(data: int, tensor: int):
 
 
 def _generate(args) -> int:
-    from lmsys.serve.engine import GenerationOptions
+    from lmsys.serve.scheduler import GenerationOptions
 
     dp = args.data_parallel  # one slot per prompt, rounded up to whole data-parallel groups
     _, engine = _engine(args, max_slots=-(-len(args.prompt) // dp) * dp)
@@ -101,7 +101,8 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    from lmsys.serve.server import load_chat_template, serve
+    from lmsys.data.chat_template import load_chat_template
+    from lmsys.serve.server import serve
 
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
     print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmsys.checkpoint import CheckpointError
     from lmsys.config import ConfigError
     from lmsys.plan.planner import PlanError
-    from lmsys.serve.engine import RequestError
+    from lmsys.serve.scheduler import RequestError
     from lmsys.train.loop import TrainingError
 
     try:

@@ -16,8 +16,9 @@ from lmsys.data import load_tokenizer
 from lmsys.models import llama
 from lmsys.models.attention import _cached_attention
 from lmsys.parallel import Rules, build_mesh
-from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions, RequestError
+from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.sampling import SamplingParams
+from lmsys.serve.scheduler import GenerationOptions, RequestError
 
 VOCAB = 512
 

@@ -27,7 +27,8 @@ from lmsys.interop import hf as hf_interop
 from lmsys.interop.hf import INDEX_FILE
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
-from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions
+from lmsys.serve.engine import Engine, EngineConfig
+from lmsys.serve.scheduler import GenerationOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T, NEW = 96, 24, 32
@@ -321,7 +322,7 @@ def test_convert_and_generate(tmp_path, capsys):
     assert "--max-slots 3 must be a multiple of --data-parallel 2" in capsys.readouterr().err
 
     from lmsys.checkpoint import load_model
-    from lmsys.serve.server import load_chat_template
+    from lmsys.data.chat_template import load_chat_template
 
     loaded = load_model(out)
     assert load_chat_template(loaded.config.data.tokenizer) == CHAT_TEMPLATE

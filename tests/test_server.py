@@ -20,15 +20,10 @@ from openai import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmsys.data import eos_id, load_tokenizer
+from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, load_chat_template
 from lmsys.models import llama
 from lmsys.serve.engine import Engine, EngineConfig
-from lmsys.serve.server import (
-    DEFAULT_CHAT_TEMPLATE,
-    BackgroundServer,
-    ChatTemplate,
-    create_app,
-    load_chat_template,
-)
+from lmsys.serve.server import BackgroundServer, create_app
 
 VOCAB = 512
 KEY = "sk-test"

@@ -36,7 +36,8 @@ import numpy as np
 
 from lmsys.config import from_dict
 from lmsys.models import llama
-from lmsys.serve.engine import Engine, EngineConfig, GenerationOptions
+from lmsys.serve.engine import Engine, EngineConfig
+from lmsys.serve.scheduler import GenerationOptions
 
 
 def _percentiles(xs) -> str:
@@ -295,7 +296,7 @@ def main(argv=None) -> dict:
     print()
     _table((("engine", engine), ("naive loop", naive)))
     print()
-    print(f"engine prefill: {chunks} chunks in {calls} calls (at most {engine_obj.prefill_tokens} "
+    print(f"engine prefill: {chunks} chunks in {calls} calls (at most {engine_obj.scheduler.prefill_tokens} "
           f"padded tokens per call)")
     print(f"greedy outputs identical to the naive loop: {same}/{args.requests}")
     print(f"engine/naive throughput ratio: {ratio:.2f} (goal >= 4 at 16 concurrent requests)")

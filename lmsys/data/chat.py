@@ -37,7 +37,8 @@ from tokenizers import Tokenizer
 from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root
 from lmsys.data.corpus import source_files, source_fingerprint
 from lmsys.data.packing import RowDataset, Sample, _token_dtype
-from lmsys.data.tokenizer import EOS_CANDIDATES, pad_id
+from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, token_text
+from lmsys.data.tokenizer import BOS_CANDIDATES, EOS_CANDIDATES, first_token_id, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def _token_text(value) -> str | None:
 
 def _special_tokens(tokenizer: Tokenizer, tokenizer_spec: str | None) -> tuple[str, str]:
     """(bos_token, eos_token) texts for the template: tokenizer_config.json's, else the usual names."""
-    from lmsys.serve.server import BOS_CANDIDATES, _special_token
-
     bos = eos = None
     if tokenizer_spec:
         path = os.path.expanduser(tokenizer_spec)
@@ -101,17 +100,15 @@ def _special_tokens(tokenizer: Tokenizer, tokenizer_spec: str | None) -> tuple[s
             with open(config) as f:
                 tc = json.load(f)
             bos, eos = _token_text(tc.get("bos_token")), _token_text(tc.get("eos_token"))
-    return (bos if bos is not None else _special_token(tokenizer, BOS_CANDIDATES),
-            eos if eos is not None else _special_token(tokenizer, EOS_CANDIDATES))
+    return (bos if bos is not None else token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
+            eos if eos is not None else token_text(tokenizer, first_token_id(tokenizer, EOS_CANDIDATES)))
 
 
 class ChatRenderer:
-    """Renders conversations with a chat template (the server's ChatTemplate environment, or its
-    DEFAULT_CHAT_TEMPLATE) and finds the trainable character spans."""
+    """Renders conversations with a chat template (lmsys.data.chat_template's ChatTemplate
+    environment, or DEFAULT_CHAT_TEMPLATE) and finds the trainable character spans."""
 
     def __init__(self, template: str | None, bos_token: str = "", eos_token: str = ""):
-        from lmsys.serve.server import DEFAULT_CHAT_TEMPLATE, ChatTemplate
-
         self.source = template or DEFAULT_CHAT_TEMPLATE
         self._chat = ChatTemplate(self.source, bos_token, eos_token)
 
@@ -279,7 +276,7 @@ def build_chat_dataset(source: str, tokenizer: Tokenizer, chat_template: str | N
                        seed: int, *, tokenizer_spec: str | None = None, max_conversations: int = 0,
                        cache_dir: str | None = None, shuffle: bool = True) -> ChatDataset:
     """Renders and tokenizes the conversations of `source` (cached under `cache_dir`) and packs
-    them into a ChatDataset. `chat_template` None: the server's DEFAULT_CHAT_TEMPLATE;
+    them into a ChatDataset. `chat_template` None: DEFAULT_CHAT_TEMPLATE (lmsys.data.chat_template);
     `tokenizer_spec` (the tokenizer.json path) locates tokenizer_config.json's bos/eos tokens."""
     bos, eos = _special_tokens(tokenizer, tokenizer_spec)
     renderer = ChatRenderer(chat_template, bos, eos)

@@ -13,6 +13,7 @@ ENDOFTEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 EOS_CANDIDATES = (ENDOFTEXT, "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 
 
 def _train_bpe(documents: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -89,7 +90,9 @@ def tokenizer_for(data, vocab_size: int) -> Tokenizer:
                           text_field=data.text_field)
 
 
-def _first_token_id(tokenizer: Tokenizer, candidates: tuple[str, ...]) -> int | None:
+def first_token_id(tokenizer: Tokenizer, candidates: tuple[str, ...]) -> int | None:
+    """The id of the first of `candidates` (EOS_CANDIDATES, PAD_CANDIDATES, BOS_CANDIDATES...)
+    that the tokenizer has; None if it has none. `tokenizer.id_to_token(id)` is its text."""
     for token in candidates:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
@@ -99,7 +102,7 @@ def _first_token_id(tokenizer: Tokenizer, candidates: tuple[str, ...]) -> int | 
 
 def eos_id(tokenizer: Tokenizer) -> int:
     """The end-of-document token id (<|endoftext|>, </s>, <|end_of_text|>, <|im_end|> or <eos>)."""
-    token_id = _first_token_id(tokenizer, EOS_CANDIDATES)
+    token_id = first_token_id(tokenizer, EOS_CANDIDATES)
     if token_id is None:
         raise ValueError(
             f"tokenizer has no end-of-text token; looked for {', '.join(EOS_CANDIDATES)}"
@@ -109,5 +112,5 @@ def eos_id(tokenizer: Tokenizer) -> int:
 
 def pad_id(tokenizer: Tokenizer) -> int:
     """The padding token id (<|pad|>, <pad> or [PAD]), else the end-of-text id."""
-    token_id = _first_token_id(tokenizer, PAD_CANDIDATES)
+    token_id = first_token_id(tokenizer, PAD_CANDIDATES)
     return eos_id(tokenizer) if token_id is None else token_id

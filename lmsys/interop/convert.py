@@ -91,14 +91,14 @@ def _write_tokenizer_config(out: Path) -> None:
     """A minimal tokenizer_config.json so `transformers.AutoTokenizer` loads tokenizer.json."""
     from tokenizers import Tokenizer
 
-    from lmsys.data.tokenizer import EOS_CANDIDATES, PAD_CANDIDATES, _first_token_id
+    from lmsys.data.tokenizer import EOS_CANDIDATES, PAD_CANDIDATES, first_token_id
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30}
-    eos = _first_token_id(tok, EOS_CANDIDATES)
+    eos = first_token_id(tok, EOS_CANDIDATES)
     if eos is not None:
         conf["eos_token"] = tok.id_to_token(eos)
-    pad = _first_token_id(tok, PAD_CANDIDATES)
+    pad = first_token_id(tok, PAD_CANDIDATES)
     if pad is not None:
         conf["pad_token"] = tok.id_to_token(pad)
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")

@@ -351,10 +351,10 @@ def save_hf(params: dict, model: ModelConfig, out_dir: str | Path, tokenizer_dir
         if "eos_token_id" not in base and (out / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            from lmsys.data.tokenizer import ENDOFTEXT, EOS_CANDIDATES, _first_token_id
+            from lmsys.data.tokenizer import ENDOFTEXT, EOS_CANDIDATES, first_token_id
 
             tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-            eos = _first_token_id(tok, EOS_CANDIDATES)
+            eos = first_token_id(tok, EOS_CANDIDATES)
             if eos is not None:
                 base.setdefault("eos_token_id", eos)
                 base.setdefault("bos_token_id", eos if tok.token_to_id(ENDOFTEXT) == eos else None)

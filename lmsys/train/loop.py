@@ -154,7 +154,7 @@ def load_data(cfg: Config):
     cache_dir = d.cache_dir or None
     tokenizer = tokenizer_for(d, cfg.model.vocab_size)
     if d.format == "chat":
-        from lmsys.serve.server import load_chat_template
+        from lmsys.data.chat_template import load_chat_template
 
         return build_chat_dataset(d.source, tokenizer, load_chat_template(d.tokenizer), cfg.seq_len,
                                   cfg.seed, tokenizer_spec=d.tokenizer, max_conversations=d.max_documents,

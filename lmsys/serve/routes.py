@@ -1,0 +1,371 @@
+"""The OpenAI endpoints' request handling: /v1/models, /v1/completions, /v1/chat/completions.
+
+A `Routes` object turns a checked request body (lmsys.serve.api) into engine requests, one per
+prompt and choice (`n`), runs them as one `_Run` (their events merged on one asyncio queue) and
+answers with OpenAI's JSON, or server-sent events when `stream` is set. `add_routes` puts the
+endpoints on an app (lmsys.serve.server.create_app). A chat request is rendered with the
+model's chat template (lmsys.data.chat_template); a template that fails on the messages is a
+400. A client that disconnects has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, token_text
+from lmsys.data.tokenizer import BOS_CANDIDATES, first_token_id
+from lmsys.serve.api import APIError, ChatBody, CompletionBody, EngineFailure, SamplingBody
+from lmsys.serve.engine import Engine
+from lmsys.serve.scheduler import Event, GenerationOptions, Request, RequestError
+
+DISCONNECT_POLL_S = 0.5  # how often a running request checks that its client is still there
+
+
+# ---------------------------------------------------------------------------------- one HTTP request's engine requests
+
+
+@dataclass
+class _Choice:
+    index: int
+    req: Request | None
+    prompt_text: str
+    arrival: float
+    last_token_time: float | None = None
+    counted: int = 0  # generated tokens already counted in metrics
+    started: bool = False  # first chunk sent (streaming)
+
+
+class _Run:
+    """The engine requests of one HTTP request, their events merged on one asyncio queue."""
+
+    def __init__(self, server: Routes, http: HTTPRequest):
+        self.server, self.http = server, http
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices: list[_Choice] = []
+        self.disconnected = False
+
+    async def submit(self, items: list[tuple[list[int], str, GenerationOptions]]) -> None:
+        """Queues every (prompt ids, prompt text, options); aborts them all if one cannot fit."""
+        loop = asyncio.get_running_loop()
+        self.choices = [_Choice(i, None, text, time.perf_counter()) for i, (_, text, _) in enumerate(items)]
+
+        def add_all():  # off the event loop: add_request waits while a step holds the engine
+            for c, (ids, _, options) in zip(self.choices, items):
+                c.req = self.server.loop.submit(ids, options, self._callback(loop, c))
+
+        try:
+            await asyncio.to_thread(add_all)
+        except RequestError as e:
+            self.abort()
+            raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from e
+        except BaseException:
+            self.abort()
+            raise
+        self.server.metrics.prompt_tokens.inc(sum(len(ids) for ids, _, _ in items))
+
+    def _callback(self, loop: asyncio.AbstractEventLoop, c: _Choice):
+        metrics = self.server.metrics
+
+        def on_event(event):  # on the engine thread
+            if isinstance(event, Event):
+                now = time.perf_counter()
+                new = len(event.token_ids) if c.req is None else len(c.req.generated) - c.counted
+                if new > 0:
+                    c.counted += new
+                    metrics.generated_tokens.inc(new)
+                    if c.last_token_time is None:
+                        metrics.ttft.observe(now - c.arrival)
+                    else:
+                        metrics.itl.observe((now - c.last_token_time) / new)
+                    c.last_token_time = now
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (c.index, event))
+
+        return on_event
+
+    async def events(self):
+        """Yields (choice, event) until every choice has finished. Aborts the unfinished ones
+        when the client goes away or the consumer stops early."""
+        remaining = len(self.choices)
+        getter = None
+        clock = asyncio.get_running_loop().time
+        checked = clock()
+        try:
+            while remaining:
+                if getter is None:
+                    getter = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if clock() - checked >= DISCONNECT_POLL_S:
+                    checked = clock()
+                    if await self.http.is_disconnected():
+                        self.disconnected = True
+                        return
+                if not done:
+                    continue
+                index, event = getter.result()
+                getter = None
+                if isinstance(event, EngineFailure):
+                    raise event
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield self.choices[index], event
+        finally:
+            if getter is not None:
+                getter.cancel()
+            self.abort()
+
+    async def finish(self) -> None:
+        """Waits for every choice of a non-streamed response (APIError 499 if the client left)."""
+        async for _ in self.events():
+            pass
+        if self.disconnected:
+            raise APIError(499, "client disconnected")
+
+    def abort(self) -> None:
+        for c in self.choices:
+            if c.req is not None and not c.req.done:
+                self.server.loop.abort(c.req)
+
+    def usage(self, prompt_lengths: list[int]) -> dict:
+        completion = sum(len(c.req.generated) for c in self.choices)
+        prompt = sum(prompt_lengths)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ---------------------------------------------------------------------------------- the endpoints
+
+
+class Routes:
+    """The /v1 endpoints over one engine (`app.state.server` of lmsys.serve.server's app):
+    requests go to the engine through `loop` (the app's EngineLoop: submit, abort) and are
+    counted in `metrics` (the app's Metrics)."""
+
+    def __init__(self, engine: Engine, model_name: str, tokenizer, chat_template: str | None, loop, metrics):
+        self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
+        self.loop, self.metrics = loop, metrics
+        self.created = int(time.time())
+        self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE,
+                                 token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
+                                 token_text(tokenizer, engine.eos_token_id))
+
+    # -------------------------------------------------------------- shared pieces
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def options(self, body: SamplingBody, max_tokens: int, seed: int, **kw) -> GenerationOptions:
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return GenerationOptions(max_tokens=max_tokens, temperature=body.temperature,
+                                 top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
+                                 stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos, **kw)
+
+    @staticmethod
+    def seeds(body: SamplingBody) -> list[int]:
+        base = body.seed if body.seed is not None else secrets.randbits(31)
+        return [(base + i) % 2**32 for i in range(body.n)]
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def sse(self, gen, include_done: bool = True):
+        async def stream():
+            try:
+                async for chunk in gen:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except EngineFailure as e:
+                yield f"data: {json.dumps(APIError(500, str(e), 'server_error').body())}\n\n"
+            except APIError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+            if include_done:
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -------------------------------------------------------------- completions
+
+    def completion_logprobs(self, c: _Choice, echo: bool, tokens: list[int], lps: list[float],
+                            tops: list[dict[int, float]], offset: int) -> dict:
+        """OpenAI's legacy logprobs object; with echo (first chunk / whole answer) the prompt's
+        tokens come first."""
+        ids, lp, top = [], [], []
+        if echo:
+            ids += c.req.prompt_ids
+            lp += c.req.prompt_token_logprobs or [None] * len(c.req.prompt_ids)
+            top += c.req.prompt_top_logprobs or [None] * len(c.req.prompt_ids)
+        ids += tokens
+        lp += lps
+        top += tops
+        strs, offsets = [], []
+        for t in ids:
+            offsets.append(offset)
+            s = self.token_str(t)
+            strs.append(s)
+            offset += len(s)
+        return {"tokens": strs, "token_logprobs": lp,
+                "top_logprobs": [None if d is None else {self.token_str(k): v for k, v in d.items()} for d in top],
+                "text_offset": offsets}
+
+    async def completions(self, body: CompletionBody, http: HTTPRequest):
+        self.check_model(body.model)
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "prompt is empty; send a string, a list of token ids or a list of those",
+                           param="prompt")
+        items, lengths = [], []
+        for p in prompts:
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            text = p if isinstance(p, str) else self.tokenizer.decode(ids)
+            lengths.append(len(ids))
+            for seed in self.seeds(body):
+                items.append((ids, text, self.options(
+                    body, body.max_tokens or 16, seed, logprobs=body.logprobs,
+                    prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)))
+        run = _Run(self, http)
+        await run.submit(items)
+        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        with_logprobs = body.logprobs is not None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self.sse(self._stream_completions(run, head, body.echo, with_logprobs, include_usage, lengths))
+        await run.finish()
+        choices = []
+        for c in run.choices:
+            r = c.req
+            text = (c.prompt_text if body.echo else "") + r.text
+            lp = None
+            if with_logprobs:
+                lp = self.completion_logprobs(c, body.echo, r.generated[:len(r.token_logprobs)],
+                                              r.token_logprobs, r.top_logprobs, 0)
+            choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+        return {**head, "choices": choices, "usage": run.usage(lengths)}
+
+    async def _stream_completions(self, run: _Run, head: dict, echo: bool, with_logprobs: bool,
+                                  include_usage: bool, lengths: list[int]):
+        offsets = {}
+        async for c, ev in run.events():
+            text, lp = ev.text, None
+            first = not c.started
+            c.started = True
+            if first and echo:
+                text = c.prompt_text + text
+            if with_logprobs:
+                start = offsets.get(c.index, 0)
+                lp = self.completion_logprobs(c, first and echo, ev.token_ids, ev.logprobs, ev.top_logprobs, start)
+                offsets[c.index] = start + sum(len(s) for s in lp["tokens"])
+            if not (text or ev.token_ids or ev.finish_reason or first):
+                continue
+            chunk = {**head, "choices": [{"index": c.index, "text": text, "logprobs": lp,
+                                          "finish_reason": ev.finish_reason}]}
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk
+        if include_usage:
+            yield {**head, "choices": [], "usage": run.usage(lengths)}
+
+    # -------------------------------------------------------------- chat
+
+    def chat_logprobs(self, tokens: list[int], lps: list[float], tops: list[dict[int, float]]) -> dict:
+        def entry(t, lp):
+            s = self.token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                            for t, lp, top in zip(tokens, lps, tops)]}
+
+    async def chat_completions(self, body: ChatBody, http: HTTPRequest):
+        self.check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(part.text for part in content)
+            messages.append({**(m.model_extra or {}), "role": m.role, "content": content or "",
+                             **({"name": m.name} if m.name else {})})
+        try:
+            prompt = self.chat.render(messages)
+        except ChatTemplateError as e:
+            raise APIError(400, e.message, param="messages") from e
+        ids = self.engine.encode(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as much as the context leaves
+            max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs)) for seed in self.seeds(body)]
+        run = _Run(self, http)
+        await run.submit(items)
+        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self.sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"},
+                                              body.logprobs, include_usage, [len(ids)]))
+        await run.finish()
+        choices = []
+        for c in run.choices:
+            r = c.req
+            lp = (self.chat_logprobs(r.generated[:len(r.token_logprobs)], r.token_logprobs, r.top_logprobs)
+                  if body.logprobs else None)
+            choices.append({"index": c.index, "message": {"role": "assistant", "content": r.text},
+                            "logprobs": lp, "finish_reason": r.finish_reason})
+        return {**head, "choices": choices, "usage": run.usage([len(ids)])}
+
+    async def _stream_chat(self, run: _Run, head: dict, with_logprobs: bool, include_usage: bool,
+                           lengths: list[int]):
+        extra = {"usage": None} if include_usage else {}
+        for c in run.choices:  # the first chunk of each choice carries the role
+            yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra}
+        async for c, ev in run.events():
+            if ev.text or ev.token_ids:
+                lp = self.chat_logprobs(ev.token_ids, ev.logprobs, ev.top_logprobs) if with_logprobs else None
+                yield {**head, "choices": [{"index": c.index, "delta": {"content": ev.text},
+                                            "logprobs": lp, "finish_reason": None}], **extra}
+            if ev.finish_reason is not None:
+                yield {**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
+                                            "finish_reason": ev.finish_reason}], **extra}
+        if include_usage:
+            yield {**head, "choices": [], "usage": run.usage(lengths)}
+
+    # -------------------------------------------------------------- models
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmsys",
+                "max_model_len": self.engine.cfg.max_seq_len}
+
+
+def add_routes(app: FastAPI, routes: Routes) -> None:
+    """The /v1 endpoints of `routes` on `app`."""
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [routes.model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str):
+        routes.check_model(model)
+        return routes.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HTTPRequest):
+        return await routes.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: HTTPRequest):
+        return await routes.chat_completions(body, request)
