@@ -86,15 +86,27 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """read_only: a reader's (serve, generate, convert, registry, init_from, eval): it creates,
+        prunes and deletes nothing, so a training run saving into the directory meanwhile (its
+        step being written in a temporary directory) is left alone. The writer (the training
+        loop) holds the run directory's lock (lmsys.train.run_dir)."""
         self.directory = checkpoint_path(directory)
-        # cleanup_tmp_directories: a save cut short (kill -9, full disk) leaves a temporary
-        # directory that never counts as a step; it is removed at the next start.
-        fault_hook = os.environ.get(FAULT_ENV) and not is_url(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            temporary_path_class=_FaultInjectingTemporaryPath if fault_hook else None)
+        self.read_only = read_only
+        if read_only:
+            _quiet_read_only_notice()
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                enable_async_checkpointing=False)
+        else:
+            # cleanup_tmp_directories: a save cut short (kill -9, full disk) leaves a temporary
+            # directory that never counts as a step; it is removed at the next start.
+            fault_hook = os.environ.get(FAULT_ENV) and not is_url(directory)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                temporary_path_class=_FaultInjectingTemporaryPath if fault_hook else None)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
         self._writing: int | None = None  # the step being saved
@@ -150,6 +162,48 @@ class Checkpointer:
                 f"({str(e).splitlines()[0][:200]}); train into a new run_dir") from None
         return restored["state"], meta
 
+    def restore_intact(self, abstract_state, check) -> tuple[dict, dict, list[tuple[int, str]]]:
+        """Restores the newest step that reads back, for a resume: a step whose meta or arrays
+        cannot be read (a damaged or truncated file) is skipped for the next older one;
+        `check(meta, step)` may refuse a step by raising CheckpointError (another model, another
+        tokenizer), which stops the search. Returns (state, meta, [(skipped step, why)]); when
+        no step restores, CheckpointError about the newest."""
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.meta(step)
+            except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many kinds
+                skipped.append((step, _first_line(e)))
+                continue
+            check(meta, step)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+            except Exception as e:  # noqa: BLE001
+                skipped.append((step, _first_line(e)))
+                continue
+            return state, meta, skipped
+        if not skipped:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step, why = skipped[0]
+        older = "; no older step restores either" if len(skipped) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {self.directory} step {step} does not match this train state or cannot be "
+            f"read ({why}){older}; train into a new run_dir")
+
+    def set_aside(self, step: int) -> str:
+        """Renames an unreadable step directory to STEP.unreadable-TIME (kept for a look, no
+        longer a step, so the run can write that step again). Returns the new name."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only")
+        import time
+
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}"
+        src.rename(dst)
+        self.manager.reload()
+        return dst.name
+
     def restore_params(self, model: ModelConfig, shardings=None, step: int | None = None):
         """Only the parameters (no optimizer state), placed on `shardings` (a pytree like the
         params; default: the first device). Returns (params, meta)."""
@@ -196,6 +250,22 @@ class Checkpointer:
         return step
 
 
+def _quiet_read_only_notice() -> None:
+    """Orbax logs a warning each time a manager opens read-only; readers open one per load."""
+    import logging
+
+    absl = logging.getLogger("absl")
+    if not any(getattr(f, "lmsys", False) for f in absl.filters):
+        def drop(record):
+            return not str(record.msg).startswith("Given directory is read only")
+        drop.lmsys = True
+        absl.addFilter(drop)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+
+
 def check_model(saved: dict, model: ModelConfig, where: str) -> None:
     """Refuses a checkpoint whose model shape differs from `model`, naming the first key."""
     here = dataclasses.asdict(model)
@@ -206,28 +276,36 @@ def check_model(saved: dict, model: ModelConfig, where: str) -> None:
                 f"and {here[key]!r} here; set model.{key}={saved[key]} or use a new run_dir")
 
 
-def make_meta(step: int, data_index: int, model: ModelConfig, mesh: jax.sharding.Mesh) -> dict:
+def make_meta(step: int, data_index: int, model: ModelConfig, mesh: jax.sharding.Mesh,
+              provenance: dict | None = None) -> dict:
+    """A checkpoint's meta item; `provenance` (lmsys.train.run_dir.provenance: the tokenizer's
+    sha256 and the data's fingerprint) is merged in."""
     return {"step": step, "data_index": data_index, "model": dataclasses.asdict(model),
-            "mesh": {k: int(v) for k, v in mesh.shape.items()}}
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}, **(provenance or {})}
 
 
 def load_run(run_dir: str | Path, rules=None, step: int | None = None):
     """A run directory's config (`config.yaml`) and the parameters of its latest (or given)
-    checkpoint, sharded by `rules` (default: one device). Returns (Config, params, meta)."""
+    checkpoint, sharded by `rules` (default: one device). Returns (Config, params, meta).
+    Read-only: a run training into the directory meanwhile is left alone."""
     from lmsys.config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not an lmsys run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    params, meta = _restore_run_params(run_dir, cfg.model, rules, step)
+    return cfg, params, meta
+
+
+def _restore_run_params(run_dir: Path, model: ModelConfig, rules, step: int | None):
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ yet; train or convert into it first")
-    cfg = load_config(run_dir / "config.yaml")
-    ckpt = Checkpointer(run_dir / "checkpoints")
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
-        params, meta = ckpt.restore_params(cfg.model, _param_shardings(cfg.model, rules), step)
+        return ckpt.restore_params(model, _param_shardings(model, rules), step)
     finally:
         ckpt.close()
-    return cfg, params, meta
 
 
 def _param_shardings(model: ModelConfig, rules):
@@ -248,9 +326,12 @@ class ModelDir:
     kind "run": an lmsys run directory (config.yaml + checkpoints/, from `lmsys train` or `lmsys
     convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors).
     `config` holds the model and data.tokenizer (a run's whole saved config), the tokenizer as a
-    path that exists where one does (a run directory moved with its tokenizer.json inside still
-    finds it). `ref` pins the reference: the absolute directory, or `models:/NAME/VERSION` of a
-    registered model (whose `step` is the registered one)."""
+    path that exists where one does: a run's own copy (RUN_DIR/tokenizer.json, written when the
+    run started) first, so a run directory copied to another machine serves with its own
+    tokenizer. `ref` pins the reference: the absolute directory, or `models:/NAME/VERSION` of a
+    registered model (whose `step` is the registered one). `files` (a registered model's
+    lmsys.interop.registry.FileCheck) hashes every file as it is read and refuses one that
+    changed since registration; the weights are hashed after they are read."""
 
     kind: str
     path: Path
@@ -259,6 +340,10 @@ class ModelDir:
     config: Config
     step: int | None = None
     hf_config: dict | None = None
+    files: object = None
+
+    def _read(self, path) -> bytes:
+        return self.files.read(path) if self.files is not None else Path(path).read_bytes()
 
     def params(self, rules=None, step: int | None = None) -> tuple[dict, int]:
         """(params, step) of the latest (or given) checkpoint, placed straight onto the shardings
@@ -273,13 +358,36 @@ class ModelDir:
 
             params, _ = load_hf(self.path, _param_shardings(self.config.model, rules))
             return params, 0
-        _, params, meta = load_run(self.path, rules, step)
+        try:
+            params, meta = _restore_run_params(self.path, self.config.model, rules, step)
+        except Exception:
+            if self.files is not None:
+                self.files.verify_weights()  # a changed checkpoint says so, not a read error
+            raise
+        if self.files is not None:
+            self.files.verify_weights()  # after the read: the bytes loaded hash as registered
         return params, int(meta["step"])
 
     def tokenizer(self):
-        from lmsys.data import tokenizer_for
+        from lmsys.data.tokenizer import BUILTIN, tokenizer_file, tokenizer_for, tokenizer_from_json
 
-        return tokenizer_for(self.config.data, self.config.model.vocab_size)
+        spec = self.config.data.tokenizer
+        if spec == BUILTIN:  # a run from before runs kept their tokenizer: the data's cached BPE
+            tokenizer = tokenizer_for(self.config.data, self.config.model.vocab_size)
+            if self.files is not None:
+                self.files.check("tokenizer (builtin, from the cache)", tokenizer.to_str().encode())
+            return tokenizer
+        path = tokenizer_file(spec)
+        return tokenizer_from_json(self._read(path), path, self.config.model.vocab_size)
+
+    def chat_template(self) -> str | None:
+        """The chat template beside the tokenizer (lmsys.data.chat_template.load_chat_template);
+        None: the default one."""
+        from lmsys.data.chat_template import load_chat_template
+        from lmsys.data.tokenizer import BUILTIN
+
+        spec = self.config.data.tokenizer
+        return None if spec == BUILTIN else load_chat_template(spec, read=self._read)
 
     def eos_token_id(self, tokenizer) -> int:
         """config.json's eos_token_id (the first of a list) for an HF model, else the
@@ -300,28 +408,31 @@ class LoadedModel:
     tokenizer: object
     eos_token_id: int | None
     step: int
+    chat_template: str | None = None  # None: lmsys.data.chat_template.DEFAULT_CHAT_TEMPLATE
 
 
-def open_model(ref: str | Path, registry_uri: str | None = None) -> ModelDir:
+def open_model(ref: str | Path, registry_uri: str | None = None, *, files=None) -> ModelDir:
     """The one reader of model references, used by serve, generate, fine-tuning (`init_from`)
     and export: an lmsys run directory (config.yaml), a Hugging Face model directory
     (config.json), or a registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION` (registry
-    `registry_uri`, else $LMSYS_REGISTRY_URI or the local one), whose checkpoint must still hash
-    as registered. Reads configs only; `ModelDir.params` reads the weights."""
+    `registry_uri`, else $LMSYS_REGISTRY_URI or the local one), whose files must still hash as
+    registered. Reads configs only; `ModelDir.params` reads the weights. Writes nothing.
+    `files`: a FileCheck hashing each file read (the registry records them so)."""
     if isinstance(ref, str) and ref.startswith("models:/"):
-        from lmsys.interop.registry import resolve_verified
+        from lmsys.interop.registry import resolve_checked
 
-        resolved = resolve_verified(ref, registry_uri)
-        found = open_model(resolved.run_dir)
+        resolved, files = resolve_checked(ref, registry_uri)
+        found = open_model(resolved.run_dir, files=files)
         return dataclasses.replace(found, name=resolved.name, step=resolved.step,
                                    ref=f"models:/{resolved.name}/{resolved.version}")
     path = Path(ref).expanduser()
     if (path / "config.yaml").is_file():
-        from lmsys.config import load_config
+        from lmsys.config import config_from_yaml
 
-        cfg = load_config(path / "config.yaml")
+        read = files.read if files is not None else Path.read_bytes
+        cfg = config_from_yaml(read(path / "config.yaml").decode("utf-8"), str(path / "config.yaml"))
         cfg.data.tokenizer = _run_tokenizer(cfg.data.tokenizer, path)
-        return ModelDir("run", path, path.name, str(path.absolute()), cfg)
+        return ModelDir("run", path, path.name, str(path.absolute()), cfg, files=files)
     if (path / "config.json").is_file():
         from lmsys.config import from_dict
         from lmsys.interop.hf_config import config_from_hf, read_hf_config
@@ -338,20 +449,25 @@ def open_model(ref: str | Path, registry_uri: str | None = None) -> ModelDir:
 
 def load_model(ref: str | Path, rules=None, step: int | None = None,
                registry_uri: str | None = None) -> LoadedModel:
-    """`open_model(ref)` with its weights (sharded by `rules`, else on one device), tokenizer and
-    end-of-sequence id: what serving and generation need."""
+    """`open_model(ref)` with its weights (sharded by `rules`, else on one device), tokenizer,
+    chat template and end-of-sequence id: what serving and generation need."""
     found = open_model(ref, registry_uri)
-    params, step = found.params(rules, step)
     tokenizer = found.tokenizer()
-    return LoadedModel(found.name, found.config, params, tokenizer, found.eos_token_id(tokenizer), step)
+    template = found.chat_template()
+    params, step = found.params(rules, step)
+    return LoadedModel(found.name, found.config, params, tokenizer, found.eos_token_id(tokenizer), step,
+                       template)
 
 
 def _run_tokenizer(spec: str, run_dir: Path) -> str:
-    """A run's data.tokenizer as a path that exists where one does: relative to the run
-    directory when it is there, a directory's tokenizer.json, and the run directory's own
-    tokenizer.json when the original is gone (the directory was moved or copied)."""
+    """A run's tokenizer as a path that exists where one does: the run's own copy
+    (RUN_DIR/tokenizer.json, with its tokenizer_config.json / chat template beside it) first;
+    else (a run from before runs kept one) data.tokenizer, relative to the run directory when it
+    is there, a directory's tokenizer.json; "builtin" stays builtin (the data's cached BPE)."""
     from lmsys.data.tokenizer import BUILTIN
 
+    if (run_dir / "tokenizer.json").is_file():
+        return str((run_dir / "tokenizer.json").absolute())
     if spec == BUILTIN:
         return spec
     path = Path(spec).expanduser()
@@ -359,6 +475,4 @@ def _run_tokenizer(spec: str, run_dir: Path) -> str:
         path = run_dir / path
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file() and (run_dir / "tokenizer.json").is_file():
-        path = run_dir / "tokenizer.json"
     return str(path.absolute())

@@ -101,7 +101,6 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    from lmsys.data.chat_template import load_chat_template
     from lmsys.serve.server import serve
 
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
@@ -109,7 +108,7 @@ def _serve(args) -> int:
           f"{args.max_slots} slots", flush=True)
     engine.warmup(progress=not args.no_progress)
     serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
-          api_key=args.api_key, chat_template=load_chat_template(model.config.data.tokenizer))
+          api_key=args.api_key, chat_template=model.chat_template)
     return 0
 
 
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_plan)
 
-    from lmsys.interop.registry import add_parser as add_registry_parser
+    from lmsys.interop.registry_cli import add_parser as add_registry_parser
 
     add_registry_parser(sub)
     args = parser.parse_args(argv)

@@ -123,6 +123,9 @@ class DataConfig:
     # "text": documents, loss on every token; "chat": JSONL with `messages` ([{role, content}])
     # rendered with the tokenizer's chat template, loss on assistant tokens only.
     format: str = "text"
+    # Resuming refuses data that differ from what the checkpoint was trained on (its data_index
+    # would point at other samples); true: continue on the changed data from data_index.
+    allow_changed_source: bool = False
 
 
 @dataclass
@@ -237,19 +240,24 @@ def from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML config file (or none), applies `key=value` overrides and validates."""
+    if path is None:
+        return from_dict({}, overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    return config_from_yaml(path.read_text(), str(path), overrides)
+
+
+def config_from_yaml(text: str, where: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A Config from the text of a YAML config file (`where` names it in errors)."""
     import yaml
 
-    tree = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}".splitlines()[0]) from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(tree).__name__}")
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{where}' is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{where}' must hold a mapping of keys, got {type(tree).__name__}")
     return from_dict(tree, overrides)
 
 

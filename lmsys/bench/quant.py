@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
 
     m = load_model(args.run_dir)
     cfg = m.config
-    start = int(Checkpointer(f"{args.run_dir}/checkpoints").meta()["data_index"])
+    start = int(Checkpointer(f"{args.run_dir}/checkpoints", read_only=True).meta()["data_index"])
     dataset = load_data(cfg)
 
     @jax.jit

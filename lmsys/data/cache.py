@@ -47,3 +47,25 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
     """Saves `array` as .npy to `path` so that readers never see a partial file."""
     _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def arrays_sha256(*arrays: np.ndarray, chunk: int = 1 << 24) -> str:
+    """sha256 over arrays' dtypes, shapes and bytes (memory-mapped ones streamed in chunks)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        flat = np.asarray(a).reshape(-1)
+        h.update(f"{flat.dtype.str}{a.shape}".encode())
+        for i in range(0, len(flat), chunk):
+            h.update(np.ascontiguousarray(flat[i:i + chunk]).tobytes())
+    return h.hexdigest()
+
+
+def cached_sha256(meta_path: str, arrays: tuple[np.ndarray, ...]) -> str:
+    """The `sha256` of a cache entry's arrays, kept in its meta.json (computed once, when the
+    entry is written or first asked for)."""
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if "sha256" not in meta:
+        meta["sha256"] = arrays_sha256(*arrays)
+        atomic_write_text(meta_path, json.dumps(meta))
+    return meta["sha256"]

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root
+from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root, cached_sha256
 from lmsys.data.corpus import source_files, source_fingerprint
 from lmsys.data.packing import RowDataset, Sample, _token_dtype
 from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, token_text
@@ -228,7 +228,8 @@ class ChatDataset(RowDataset):
     with PackedDataset's interface (`batch`, `sample`, `row`)."""
 
     def __init__(self, tokens: np.ndarray, labels: np.ndarray, conv_starts: np.ndarray,
-                 tokenizer: Tokenizer, seq_len: int, seed: int, shuffle: bool = True):
+                 tokenizer: Tokenizer, seq_len: int, seed: int, shuffle: bool = True, *,
+                 source: str = "", sha256: str | None = None):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self._tokens, self._labels, self._conv_starts = tokens, labels, conv_starts
@@ -239,7 +240,11 @@ class ChatDataset(RowDataset):
         except ValueError:
             self._pad = 0
         self._row_starts = _pack_rows(conv_starts, len(tokens), seq_len)
+        self._source, self._sha256 = source, sha256
         self._start_sampling(seed, shuffle)
+
+    def _content(self) -> tuple[np.ndarray, ...]:
+        return self._tokens, self._labels, self._conv_starts
 
     @property
     def num_rows(self) -> int:
@@ -296,4 +301,6 @@ def build_chat_dataset(source: str, tokenizer: Tokenizer, chat_template: str | N
                     len(arrays[0]), time.perf_counter() - begin, directory)
     tokens, labels = (np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in names[:2])
     conv_starts = np.load(os.path.join(directory, "conv_starts.npy"))
-    return ChatDataset(tokens, labels, conv_starts, tokenizer, seq_len, seed, shuffle)
+    sha256 = cached_sha256(meta_path, (tokens, labels, conv_starts))
+    return ChatDataset(tokens, labels, conv_starts, tokenizer, seq_len, seed, shuffle, source=source,
+                       sha256=sha256)

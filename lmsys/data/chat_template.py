@@ -31,22 +31,26 @@ class ChatTemplateError(ValueError):
         self.message = message
 
 
-def load_chat_template(tokenizer_spec: str) -> str | None:
+def load_chat_template(tokenizer_spec: str, read=None) -> str | None:
     """The chat template beside a tokenizer.json (file or directory): chat_template.jinja, else
-    `chat_template` of tokenizer_config.json; None if neither (then DEFAULT_CHAT_TEMPLATE)."""
+    `chat_template` of tokenizer_config.json; None if neither (then DEFAULT_CHAT_TEMPLATE).
+    `read(path) -> bytes` reads the file (default: from disk; a registered model's reader hashes
+    what it reads)."""
+    if read is None:
+        def read(p):
+            with open(p, "rb") as f:
+                return f.read()
     path = os.path.expanduser(tokenizer_spec)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     if not directory:
         return None
     jinja = os.path.join(directory, "chat_template.jinja")  # where transformers 5 saves it
     if os.path.isfile(jinja):
-        with open(jinja) as f:
-            return f.read() or None
+        return read(jinja).decode("utf-8") or None
     config = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(config):
         return None
-    with open(config) as f:
-        template = json.load(f).get("chat_template")
+    template = json.loads(read(config)).get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template}
         template = named.get("default") or next(iter(named.values()), None)

@@ -11,7 +11,7 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root
+from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cache_root, cached_sha256
 from lmsys.data.corpus import iter_documents, source_fingerprint
 from lmsys.data.tokenizer import eos_id
 
@@ -63,8 +63,9 @@ def tokenize_documents(
 
 def _cached_token_stream(
     source: str, tokenizer: Tokenizer, text_field: str, max_documents: int, cache_dir: str | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (tokens, doc_starts) from the cache (tokens memory-mapped), tokenizing on a miss."""
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Returns (tokens, doc_starts, their sha256) from the cache (tokens memory-mapped),
+    tokenizing on a miss."""
     key = cache_key(
         "tokens", source_fingerprint(source), tokenizer.to_str(), text_field, max_documents
     )
@@ -88,7 +89,8 @@ def _cached_token_stream(
             time.perf_counter() - begin,
             directory,
         )
-    return np.load(tokens_path, mmap_mode="r"), np.load(doc_starts_path)
+    tokens, doc_starts = np.load(tokens_path, mmap_mode="r"), np.load(doc_starts_path)
+    return tokens, doc_starts, cached_sha256(meta_path, (tokens, doc_starts))
 
 
 def _grain_seed(seed: int) -> int:
@@ -119,6 +121,20 @@ class RowDataset:
     @property
     def num_tokens(self) -> int:
         return len(self._tokens)
+
+    def fingerprint(self) -> dict:
+        """What global sample indices point at: the source, its document and token counts and a
+        sha256 of the tokenized stream (so an edited corpus, or another tokenizer, differs).
+        Recorded in checkpoints; a resume compares it."""
+        if getattr(self, "_sha256", None) is None:
+            from lmsys.data.cache import arrays_sha256
+
+            self._sha256 = arrays_sha256(*self._content())
+        return {"source": getattr(self, "_source", ""), "documents": int(self.num_documents),
+                "tokens": int(self.num_tokens), "sha256": self._sha256}
+
+    def _content(self) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -177,7 +193,12 @@ class PackedDataset(RowDataset):
         seq_len: int,
         seed: int,
         shuffle: bool = True,
+        *,
+        source: str = "",
+        sha256: str | None = None,
     ):
+        """`source` and `sha256` (of tokens and doc_starts; None: computed when asked) describe
+        the data in `fingerprint()`."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         num_rows = (len(tokens) - 1) // seq_len
@@ -191,7 +212,11 @@ class PackedDataset(RowDataset):
         self._tokenizer = tokenizer
         self._seq_len = seq_len
         self._num_rows = num_rows
+        self._source, self._sha256 = source, sha256
         self._start_sampling(seed, shuffle)
+
+    def _content(self) -> tuple[np.ndarray, ...]:
+        return self._tokens, self._doc_starts
 
     @property
     def num_rows(self) -> int:
@@ -232,7 +257,8 @@ def build_dataset(
     shuffle: bool = True,
 ) -> PackedDataset:
     """Tokenizes `source` (cached under `cache_dir`) and packs it into a PackedDataset."""
-    tokens, doc_starts = _cached_token_stream(
+    tokens, doc_starts, sha256 = _cached_token_stream(
         source, tokenizer, text_field, max_documents, cache_dir
     )
-    return PackedDataset(tokens, doc_starts, tokenizer, seq_len, seed, shuffle)
+    return PackedDataset(tokens, doc_starts, tokenizer, seq_len, seed, shuffle, source=source,
+                         sha256=sha256)

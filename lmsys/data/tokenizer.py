@@ -14,6 +14,10 @@ PAD = "<|pad|>"
 EOS_CANDIDATES = (ENDOFTEXT, "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>")
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+# A tokenizer's files in a model directory: the vocabulary, and beside it what says its special
+# tokens and chat template. A run directory holds its own copies (lmsys.train.run_dir).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def _train_bpe(documents: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -44,7 +48,23 @@ def _builtin_tokenizer(
     return tokenizer
 
 
-def _tokenizer_file(spec: str) -> str:
+def copy_tokenizer_files(src_dir, out_dir) -> list[str]:
+    """Copies the tokenizer files (TOKENIZER_FILES) found in `src_dir` into `out_dir` (a local
+    path, or an etils.epath.Path for a URL); returns their names."""
+    from pathlib import Path
+
+    out = out_dir if hasattr(out_dir, "joinpath") else Path(out_dir)
+    copied = []
+    for name in TOKENIZER_FILES:
+        src, dst = Path(src_dir) / name, out / name
+        if src.is_file() and not (isinstance(dst, Path) and dst.exists() and os.path.samefile(src, dst)):
+            dst.write_bytes(src.read_bytes())
+        if src.is_file():
+            copied.append(name)
+    return copied
+
+
+def tokenizer_file(spec: str) -> str:
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
@@ -73,7 +93,29 @@ def load_tokenizer(
     if spec == BUILTIN:
         tokenizer = _builtin_tokenizer(vocab_size, source, cache_dir, max_documents, text_field)
     else:
-        tokenizer = Tokenizer.from_file(_tokenizer_file(spec))
+        tokenizer = Tokenizer.from_file(tokenizer_file(spec))
+    return _check_size(tokenizer, spec, vocab_size)
+
+
+def tokenizer_from_json(data: bytes, spec: str, vocab_size: int) -> Tokenizer:
+    """A tokenizer from the bytes of a tokenizer.json (`spec` names it in errors), checked to fit
+    a model with `vocab_size` tokens: for readers that hash what they load."""
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions; bad UTF-8 too
+        raise ValueError(f"tokenizer {spec} is not a valid tokenizer.json ({str(e)[:200]})") from None
+    return _check_size(tokenizer, spec, vocab_size)
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """sha256 of a tokenizer's canonical JSON (the same for the same vocabulary, merges and
+    special tokens, however its file was formatted)."""
+    import hashlib
+
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def _check_size(tokenizer: Tokenizer, spec: str, vocab_size: int) -> Tokenizer:
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
         raise ValueError(

@@ -10,7 +10,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lmsys.interop.hf import copy_tokenizer_files, load_hf, save_hf
+from lmsys.data.tokenizer import copy_tokenizer_files
+from lmsys.interop.hf import load_hf, save_hf
 from lmsys.interop.hf_config import ConversionError, config_from_hf, read_hf_config
 
 # Kept beside an lmsys checkpoint written by `lmsys convert from-hf`, so `to-hf` can restore the

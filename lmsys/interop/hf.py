@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from lmsys.config import ModelConfig
+from lmsys.data.tokenizer import copy_tokenizer_files
 from lmsys.interop.hf_config import ConversionError, config_from_hf, config_to_hf, read_hf_config
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -261,18 +259,6 @@ def _np_dtype(dtype: str):
     if dtype == "float16":
         return np.float16
     raise ConversionError(f"export dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
-
-
-def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Copies the tokenizer files found in `src_dir` into `out_dir`; returns their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        src, dst = Path(src_dir) / name, Path(out_dir) / name
-        if src.is_file() and not (dst.exists() and os.path.samefile(src, dst)):
-            shutil.copyfile(src, dst)
-        if src.is_file():
-            copied.append(name)
-    return copied
 
 
 def save_hf(params: dict, model: ModelConfig, out_dir: str | Path, tokenizer_dir: str | Path | None = None,

@@ -4,10 +4,11 @@
     lmsys registry alias tiny-code prod 1
     lmsys serve models:/tiny-code@prod                     # or models:/tiny-code/1
 
-A version records where its checkpoint step directory is, a sha256 over that directory's files
-(checked again on every load, so a changed checkpoint is refused), the model config, the mesh it
-was saved with and its lineage (run dir, step, data, final metrics, the model it was fine-tuned
-from). Everything is kept as model-version tags (strings), so any MLflow tracking URI works; the
+A version records where its checkpoint step directory is, a sha256 over that directory's files,
+a sha256 of every other file loading reads (config.yaml, the tokenizer, its chat template:
+`lmsys.files`), the model config, the mesh it was saved with and its lineage (run dir, step,
+data, final metrics, the model it was fine-tuned from). A load hashes the bytes it uses as it
+reads them (the weights right after Orbax read them) and refuses a file that changed, naming it. Everything is kept as model-version tags (strings), so any MLflow tracking URI works; the
 default is a local SQLite database: $LMSYS_REGISTRY_URI, else
 sqlite:///~/.local/share/lmsys/registry.db. mlflow is imported only when the registry is used.
 
@@ -19,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmsys.checkpoint import CheckpointError
@@ -147,6 +147,54 @@ class Resolved:
                 f"{self.sha256[:16]}...) at {self.path}; re-register it")
 
 
+@dataclass
+class FileCheck:
+    """The files a model load reads (lmsys.checkpoint.open_model), each hashed as it is read:
+    recorded (`expected` None, at registration) or checked against a version's record, so what
+    is used is what was hashed. `resolved`: the version, whose weights `verify_weights` checks."""
+
+    root: Path  # the run directory; files inside it are named relative to it
+    what: str
+    expected: dict[str, str] | None = None
+    resolved: Resolved | None = None
+    seen: dict[str, str] = field(default_factory=dict)
+
+    def name(self, path) -> str:
+        path = Path(path).absolute()
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+
+    def read(self, path) -> bytes:
+        data = Path(path).read_bytes()
+        self.check(self.name(path), data, path)
+        return data
+
+    def check(self, name: str, data: bytes, path=None) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        self.seen[name] = digest
+        if self.expected is None:
+            return
+        want = self.expected.get(name)
+        if want is None:
+            raise ChangedCheckpointError(f"{name} of {self.what} was not part of it when it was registered "
+                                         f"(loading reads it now); re-register it")
+        if want != digest:
+            where = f" at {path}" if path is not None else ""
+            raise ChangedCheckpointError(f"{name} of {self.what} changed since it was registered (sha256 "
+                                         f"{digest[:16]}... != {want[:16]}...){where}; re-register it")
+
+    def check_present(self) -> None:
+        """Refuses a version one of whose recorded files is gone (loading would read another)."""
+        for name in sorted(self.expected or {}):
+            path = Path(name) if Path(name).is_absolute() else self.root / name
+            if not name.startswith("tokenizer (") and not path.is_file():
+                raise ChangedCheckpointError(f"{name} of {self.what} is gone ({path} does not exist); "
+                                             f"restore it or re-register")
+
+    def verify_weights(self) -> None:
+        if self.resolved is not None:
+            self.resolved.verify()
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -167,6 +215,21 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise RegistryError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     return tree if isinstance(tree, dict) else {}
+
+
+def _record_files(run_dir: Path) -> dict[str, str]:
+    """{file: sha256} of what loading the run reads beside its weights: config.yaml, the
+    tokenizer and its chat template, read through lmsys.checkpoint.open_model as a load does."""
+    from lmsys.checkpoint import open_model
+
+    files = FileCheck(run_dir, str(run_dir))
+    try:
+        found = open_model(run_dir, files=files)
+        found.tokenizer()
+        found.chat_template()
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"cannot read the model files of {run_dir} ({str(e).splitlines()[0][:200]})") from None
+    return files.seen
 
 
 def _last_metrics(run_dir: Path) -> dict:
@@ -232,10 +295,12 @@ class Registry:
         except Exception as e:  # noqa: BLE001 - any unreadable meta is the same problem
             raise RegistryError(f"cannot read the checkpoint meta of {step_dir} "
                                 f"({str(e).splitlines()[0][:200]})") from None
+        files = _record_files(run_dir)
         data = config.get("data") or {}
         model = meta.get("model") or config.get("model") or {}
         tags = {
             "sha256": checkpoint_hash(step_dir),
+            "files": json.dumps(files, sort_keys=True),
             "checkpoint": str(step_dir),
             "run_dir": str(run_dir),
             "step": str(step),
@@ -347,6 +412,10 @@ class Registry:
             raise RegistryError(f"{r.name} v{mv.version} was not registered by lmsys (no "
                                 f"{TAG}sha256 tag); register it with `lmsys registry register`")
         aliases = list(mv.aliases or [])
+        path, run_dir, step = Path(tags[TAG + "checkpoint"]), Path(tags[TAG + "run_dir"]), tags[TAG + "step"]
+        if path != run_dir / "checkpoints" / step:
+            raise RegistryError(f"{r.name} v{mv.version}'s tags disagree: checkpoint {path} is not step "
+                                f"{step} of run dir {run_dir}; re-register it")
         return Resolved(name=mv.name, version=int(mv.version), path=Path(tags[TAG + "checkpoint"]),
                         run_dir=Path(tags[TAG + "run_dir"]), step=int(tags[TAG + "step"]),
                         sha256=tags[TAG + "sha256"], aliases=sorted(aliases), tags=tags,
@@ -355,107 +424,19 @@ class Registry:
 
     def show(self, ref: str | Ref) -> str:
         """Readable plain text about one version (`NAME` alone: its latest)."""
+        from lmsys.interop.registry_cli import format_version
+
         return format_version(self.resolve(ref))
 
 
-def format_version(r: Resolved) -> str:
-    t = {k[len(TAG):]: v for k, v in r.tags.items() if k.startswith(TAG)}
-    mesh = json.loads(t.get("mesh") or "{}")
-    metrics = json.loads(t.get("final_metrics") or "{}")
-    metrics_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in metrics.items() if v is not None) or "-"
-    rows = [
-        ("checkpoint", str(r.path)),
-        ("sha256", r.sha256),
-        ("step", str(r.step)),
-        ("run dir", str(r.run_dir)),
-        ("mesh", " ".join(f"{k}={v}" for k, v in mesh.items()) or "-"),
-        ("data", f"source={t.get('data_source') or '-'} tokenizer={t.get('data_tokenizer') or '-'}"),
-        ("metrics", metrics_text),
-        ("parent", t.get("parent") or "-"),
-        ("model", t.get("model_config", "{}")),
-        ("registered", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.created))),
-    ]
-    if r.description:
-        rows.append(("description", r.description))
-    aliases = f"  (aliases: {', '.join(r.aliases)})" if r.aliases else ""
-    return "\n".join([f"{r.name} v{r.version}{aliases}"] + [f"  {k:<11} {v}" for k, v in rows])
-
-
-def format_list(models: list[dict]) -> str:
-    if not models:
-        return "no registered models"
-    rows = [("NAME", "LATEST", "VERSIONS", "ALIASES")]
-    for m in models:
-        aliases = ", ".join(f"{a} -> v{v}" for a, v in m["aliases"].items()) or "-"
-        rows.append((m["name"], f"v{m['latest']}" if m["latest"] else "-", str(m["versions"]), aliases))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}"
-                     for r in rows)
-
-
-def resolve_verified(ref: str, uri: str | None = None) -> Resolved:
-    """Resolves a `models:/` reference and checks its checkpoint's hash (for loading)."""
+def resolve_checked(ref: str, uri: str | None = None) -> tuple[Resolved, FileCheck]:
+    """A `models:/` reference for loading: its version, whose checkpoint and recorded files
+    must still be there, and the FileCheck that lmsys.checkpoint.open_model reads its files
+    through (each checked as read, the weights after they are read)."""
     resolved = Registry(uri).resolve(ref)
-    resolved.verify()
-    return resolved
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cli(args) -> int:
-    """`lmsys registry register|alias|list|show|delete` (args from lmsys.cli)."""
-    import logging
-
-    try:
-        import mlflow  # noqa: F401 - sets up its loggers on import; quiet the database set-up
-    except ImportError:
-        pass  # Registry() says how to install it
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    reg = Registry(args.uri)
-    if args.action == "register":
-        r = reg.register(args.run_dir, args.name, step=args.step, description=args.description)
-        print(f"registered {r} (step {r.step}, sha256 {r.sha256[:16]}...) from {r.path}")
-        print(f"load it as models:/{r.name}/{r.version}; name it: lmsys registry alias {r.name} prod {r.version}")
-    elif args.action == "alias":
-        r = reg.alias(args.name, args.alias, args.version)
-        print(f"{r.name}@{args.alias} -> v{r.version}")
-    elif args.action == "list":
-        print(format_list(reg.list()))
-    elif args.action == "show":
-        print(reg.show(args.ref))
-    elif args.action == "delete":
-        reg.delete(args.name, args.version)
-        what = f"{args.name} v{args.version}" if args.version is not None else f"model {args.name}"
-        print(f"deleted {what} from the registry (checkpoint files are untouched)")
-    return 0
-
-
-def add_parser(sub) -> None:
-    """The `registry` subcommand group on lmsys.cli's subparsers."""
-    import argparse
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--uri", default=None,
-                        help="MLflow tracking/registry URI (default: $LMSYS_REGISTRY_URI or "
-                             "sqlite:///~/.local/share/lmsys/registry.db)")
-    p = sub.add_parser("registry", help="register, alias, list, show and delete model versions")
-    acts = p.add_subparsers(dest="action", required=True)
-    a = acts.add_parser("register", parents=[common], help="register a run dir's checkpoint as a new version")
-    a.add_argument("run_dir", help="a training run dir, `convert from-hf` output or RUN/checkpoints/STEP")
-    a.add_argument("--name", required=True, help="the registered model's name, e.g. tiny-code")
-    a.add_argument("--step", type=int, default=None, help="the checkpoint step (default: latest)")
-    a.add_argument("--description", default="")
-    a = acts.add_parser("alias", parents=[common], help="point ALIAS (e.g. prod) at VERSION")
-    a.add_argument("name")
-    a.add_argument("alias")
-    a.add_argument("version", type=int)
-    acts.add_parser("list", parents=[common], help="registered models, latest versions, aliases")
-    a = acts.add_parser("show", parents=[common], help="one version: NAME@ALIAS, NAME/VERSION or NAME")
-    a.add_argument("ref")
-    a = acts.add_parser("delete", parents=[common], help="delete a version, or the whole model")
-    a.add_argument("name")
-    a.add_argument("version", nargs="?", type=int, default=None)
-    p.set_defaults(func=cli)
+    if not resolved.path.is_dir():
+        resolved.verify()  # says it is gone
+    recorded = resolved.tags.get(TAG + "files")
+    files = FileCheck(resolved.run_dir, str(resolved), json.loads(recorded) if recorded else None, resolved)
+    files.check_present()
+    return resolved, files

@@ -26,6 +26,7 @@ from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.distributed import initialize as initialize_distributed
 from lmsys.train.metrics import MetricsWriter, mfu, peak_flops
+from lmsys.train.run_dir import RunDirLock, provenance, resume, save_tokenizer, tokenizer_spec
 from lmsys.train.step import BATCH_KEYS, Trainer
 
 
@@ -163,6 +164,12 @@ def load_data(cfg: Config):
                          max_documents=d.max_documents, cache_dir=cache_dir, shuffle=d.shuffle)
 
 
+def _with_tokenizer(cfg: Config, spec: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
+
+
 def global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int) -> dict:
     """Assembles each process's rows into global arrays split over the mesh's batch axes."""
     out = {}
@@ -179,8 +186,14 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
 
     stop_at: stop (with a checkpoint) after this step instead, to train in pieces; the
       learning-rate schedule still spans `cfg.steps`, so pieces add up to one whole run.
-    Returns the metrics logged by this call (one dict per logged step)."""
+    Returns the metrics logged by this call (one dict per logged step). The run holds its
+    run_dir's lock meanwhile (lmsys.train.run_dir.RunDirLock): a second run on it fails at once."""
     joined_by = initialize_distributed(cfg.distributed)
+    with RunDirLock(path_or_url(cfg.run_dir), active=jax.process_index() == 0):
+        return _train(cfg, joined_by, devices, progress, dataset, stop_at)
+
+
+def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_at: int | None) -> list[dict]:
     cfg = resolve_init_from(cfg)
     run_dir = path_or_url(cfg.run_dir)
     lead = jax.process_index() == 0
@@ -190,12 +203,14 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     mesh = build_mesh(cfg.mesh, devices)
     rules = Rules(mesh)
     trainer = Trainer(cfg, rules)
-    dataset = dataset if dataset is not None else load_data(cfg)
+    if dataset is None:  # with data.tokenizer=builtin, the run's own copy once it has one
+        dataset = load_data(_with_tokenizer(cfg, tokenizer_spec(cfg.data.tokenizer, run_dir)))
+    data_provenance = provenance(dataset)
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(trainer.abstract_state, cfg.model)
+        state, meta = resume(ckpt, trainer.abstract_state, cfg, data_provenance, run_dir, lead)
         data_index = int(meta["data_index"])
         if lead:
             print(f"resuming {run_dir} from step {meta['step']}", flush=True)
@@ -208,6 +223,8 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if getattr(dataset, "tokenizer", None) is not None:
+            save_tokenizer(run_dir, cfg.data.tokenizer, dataset.tokenizer)
 
     step = int(state["step"])
     step_fn = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
@@ -266,7 +283,7 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
                 if periodic and int(metrics["nonfinite_streak"]) > 0:
                     periodic = False  # keep the last checkpoint a good one while steps are skipped
                 if step == last or stopping or periodic:
-                    ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh))
+                    ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh, data_provenance))
                 if stopping:
                     if lead:
                         print(f"lmsys train: {signals.received or 'a stop signal on another process'} received: "
