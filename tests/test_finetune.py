@@ -151,7 +151,10 @@ def test_finetune_from_hf_starts_from_its_weights_and_resumes(hf_dir, tmp_path):
     total, n = loss_sums(logits, batch["targets"], batch["loss_mask"])
     (h,) = train(cfg2, progress=False)
     np.testing.assert_allclose(h["loss"], float(total / n), rtol=1e-4)
-    assert resolve_init_from(cfg2).data.tokenizer == saved["data"]["tokenizer"]
+    own = Path(cfg.run_dir) / "tokenizer.json"  # the run's own copy, with its chat template beside it
+    assert resolve_init_from(cfg2).data.tokenizer == str(own)
+    assert own.read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert (Path(cfg.run_dir) / "tokenizer_config.json").read_text() == (hf_dir / "tokenizer_config.json").read_text()
 
 
 def test_init_from_errors(hf_dir, tmp_path):

@@ -159,6 +159,33 @@ def test_changed_checkpoint_is_refused(env):
     assert main(["generate", "models:/tamper/1", "--prompt", "def"]) == 2
 
 
+def test_changed_config_tokenizer_or_chat_template_is_refused_naming_the_file(env, registered):
+    """A version's record covers everything loading reads: config.yaml, the run's tokenizer.json
+    and its chat template; each is hashed as it is read, and a changed or added one is refused."""
+    root, _, _ = env
+    _, v1, _ = registered
+    assert set(json.loads(v1.tags["lmsys.files"])) == {"config.yaml", "tokenizer.json"}
+    run = root / "run"
+    for name, change in [("config.yaml", lambda b: b + b"# edited\n"),
+                         ("tokenizer.json", lambda b: b.replace(b'"<|pad|>"', b'"<|PAD|>"', 1))]:
+        original = (run / name).read_bytes()
+        (run / name).write_bytes(change(original))
+        try:
+            with pytest.raises(ChangedCheckpointError, match=rf"^{name} of tiny-code v1 changed since it was "
+                                                             rf"registered \(sha256 \w+\.\.\. != \w+\.\.\.\) at "
+                                                             rf"{run / name}; re-register it$"):
+                load_model("models:/tiny-code@prod")
+        finally:
+            (run / name).write_bytes(original)
+    (run / "chat_template.jinja").write_text("{{ messages }}")
+    try:
+        with pytest.raises(ChangedCheckpointError, match=r"chat_template.jinja of tiny-code v1 was not part of it"):
+            load_model("models:/tiny-code@prod")
+    finally:
+        (run / "chat_template.jinja").unlink()
+    assert load_model("models:/tiny-code@prod").step == 2  # restored: loads again
+
+
 def test_delete_a_version_and_a_model(env, registered):
     _, uri, cfg = env
     reg = Registry(uri)
