@@ -297,6 +297,15 @@ class Registry:
                    name, alias, str(resolved.version))
         return self.resolve(f"{name}@{alias}")
 
+    def log_eval(self, ref: str | Ref, metrics: dict[str, float]) -> Resolved:
+        """Adds evaluation metrics (`lmsys eval --register`) to a version's `eval` tag, keeping
+        earlier ones it does not replace."""
+        r = self.resolve(ref)
+        merged = {**json.loads(r.tags.get(TAG + "eval") or "{}"), **metrics}
+        self._call(f"cannot tag {r}", self.client.set_model_version_tag, r.name, str(r.version),
+                   TAG + "eval", json.dumps(merged, sort_keys=True))
+        return self.resolve(f"{r.name}/{r.version}")
+
     def delete(self, name: str, version: int | str | None = None) -> None:
         """Deletes a version (or the whole model) from the registry; checkpoint files stay."""
         if version is None:
@@ -372,6 +381,7 @@ def format_version(r: Resolved) -> str:
         ("mesh", " ".join(f"{k}={v}" for k, v in mesh.items()) or "-"),
         ("data", f"source={t.get('data_source') or '-'} tokenizer={t.get('data_tokenizer') or '-'}"),
         ("metrics", metrics_text),
+        ("eval", _format_metrics(json.loads(t.get("eval") or "{}"))),
         ("parent", t.get("parent") or "-"),
         ("model", t.get("model_config", "{}")),
         ("registered", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.created))),
@@ -380,6 +390,10 @@ def format_version(r: Resolved) -> str:
         rows.append(("description", r.description))
     aliases = f"  (aliases: {', '.join(r.aliases)})" if r.aliases else ""
     return "\n".join([f"{r.name} v{r.version}{aliases}"] + [f"  {k:<11} {v}" for k, v in rows])
+
+
+def _format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) or "-"
 
 
 def format_list(models: list[dict]) -> str:
