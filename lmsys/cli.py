@@ -1,6 +1,7 @@
 """The `lmsys` command line.
 
     lmsys train CONFIG.yaml [key=value ...]
+    lmsys eval MODEL --source PATHS | --tasks TASKS [--register]
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
     lmsys serve RUN_DIR --port 8000 [--api-key KEY]
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
@@ -27,10 +28,17 @@ def _train(args) -> int:
     if jax.process_index() != 0:  # in a multi-process job only process 0 reports
         return 0
     if history:
-        last = history[-1]
-        print(f"step {last['step']}: loss {last['loss']:.4f}; run dir {cfg.run_dir}")
+        last = [r for r in history if "loss" in r][-1]
+        evals = [r for r in history if "eval_loss" in r]
+        held = (f"; held-out loss {evals[-1]['eval_loss']:.4f}, {evals[-1]['eval_bits_per_byte']:.4f} "
+                f"bits per byte" if evals else "")
+        print(f"step {last['step']}: loss {last['loss']:.4f}{held}; run dir {cfg.run_dir}")
     else:
         print(f"nothing to do: {cfg.run_dir} is already at step {cfg.steps}")
+    if cfg.eval.sample:
+        from lmsys.eval.runner import greedy_sample
+
+        print(f"greedy sample: {cfg.eval.sample}{greedy_sample(cfg.run_dir, cfg.eval.sample)}", flush=True)
     return 0
 
 
@@ -109,6 +117,14 @@ def _serve(args) -> int:
     engine.warmup(progress=not args.no_progress)
     serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
           api_key=args.api_key, chat_template=model.chat_template)
+    return 0
+
+
+def _eval(args) -> int:
+    from lmsys.eval.runner import run_eval
+
+    model, engine = _engine(args, args.max_slots)
+    run_eval(args, model, engine)
     return 0
 
 
@@ -209,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="one shape per call: a request's output never depends on the others")
     p.add_argument("--no-progress", action="store_true", help="no warm-up progress bar")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on text; lm-eval tasks")
+    _engine_flags(p)
+    from lmsys.eval.runner import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("convert", help="convert checkpoints from/to Hugging Face safetensors")
     p.add_argument("direction", choices=["from-hf", "to-hf"],

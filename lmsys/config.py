@@ -148,6 +148,18 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training (lmsys.eval.heldout): every `every` steps and at the
+    last step, the loss of `batches` fixed batches of held-out documents."""
+
+    every: int = 0  # steps between evaluations; 0 = no evaluation
+    batches: int = 4  # batches of batch_size rows of seq_len tokens per evaluation
+    source: str = ""  # evaluation documents (files, as data.source); "" = the held-out split
+    holdout: float = 0.0  # fraction of data.source's documents held out (never trained on)
+    sample: str = ""  # `lmsys train` ends by printing this prompt's greedy continuation; "" = none
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -157,6 +169,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -374,6 +387,24 @@ def validate(cfg: Config) -> None:
            "must name an MLflow experiment, e.g. lmsys")
     if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
+    check_eval(cfg)
+
+
+def check_eval(cfg: Config) -> None:
+    """The eval.* keys: a held-out split or an eval source (not both) when evaluating."""
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", e.every, "must be >= 0 (0 = no evaluation)")
+    _check(e.batches >= 1, "eval.batches", e.batches, "must be >= 1")
+    _check(0 <= e.holdout < 1, "eval.holdout", e.holdout, "must be a fraction in [0, 1)")
+    _check(not (e.source and e.holdout), "eval.holdout", e.holdout,
+           f"eval.source is set ({e.source!r}): evaluate on it or on a held-out split, not both; "
+           f"set eval.holdout=0 or eval.source=''")
+    if e.every:
+        _check(bool(e.source) or e.holdout > 0, "eval.every", e.every,
+               "needs evaluation documents: set eval.holdout (e.g. 0.05) or eval.source=PATHS")
+        _check(cfg.data.format == "text", "eval.every", e.every,
+               f"held-out evaluation reads text documents; data.format={cfg.data.format!r} is not "
+               f"supported: set eval.every=0")
 
 
 def check_moe(cfg: Config) -> None:

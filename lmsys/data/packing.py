@@ -61,13 +61,25 @@ def tokenize_documents(
     return tokens, np.cumsum(lengths) - lengths
 
 
+def _training_documents(source: str, text_field: str, max_documents: int, holdout: float):
+    """The documents to train on: all of the source, or those outside its held-out split."""
+    documents = iter_documents(source, text_field, max_documents)
+    if holdout <= 0:
+        return documents
+    from lmsys.data.heldout import split_documents
+
+    return split_documents(documents, holdout, heldout=False)
+
+
 def _cached_token_stream(
-    source: str, tokenizer: Tokenizer, text_field: str, max_documents: int, cache_dir: str | None
+    source: str, tokenizer: Tokenizer, text_field: str, max_documents: int, cache_dir: str | None,
+    holdout: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Returns (tokens, doc_starts, their sha256) from the cache (tokens memory-mapped),
-    tokenizing on a miss."""
+    tokenizing on a miss; with `holdout` > 0, without the held-out documents."""
     key = cache_key(
-        "tokens", source_fingerprint(source), tokenizer.to_str(), text_field, max_documents
+        "tokens", source_fingerprint(source), tokenizer.to_str(), text_field, max_documents,
+        *([f"holdout={holdout!r}"] if holdout > 0 else []),
     )
     directory = os.path.join(cache_root(cache_dir), "tokens", key)
     tokens_path = os.path.join(directory, "tokens.npy")
@@ -76,7 +88,7 @@ def _cached_token_stream(
     if not os.path.isfile(meta_path):
         begin = time.perf_counter()
         tokens, doc_starts = tokenize_documents(
-            iter_documents(source, text_field, max_documents), tokenizer
+            _training_documents(source, text_field, max_documents, holdout), tokenizer
         )
         atomic_save_npy(tokens_path, tokens)
         atomic_save_npy(doc_starts_path, doc_starts)
@@ -255,10 +267,12 @@ def build_dataset(
     max_documents: int = 0,
     cache_dir: str | None = None,
     shuffle: bool = True,
+    holdout: float = 0.0,
 ) -> PackedDataset:
-    """Tokenizes `source` (cached under `cache_dir`) and packs it into a PackedDataset."""
+    """Tokenizes `source` (cached under `cache_dir`) and packs it into a PackedDataset; with
+    `holdout` > 0, without the held-out documents (lmsys.data.heldout)."""
     tokens, doc_starts, sha256 = _cached_token_stream(
-        source, tokenizer, text_field, max_documents, cache_dir
+        source, tokenizer, text_field, max_documents, cache_dir, holdout
     )
     return PackedDataset(tokens, doc_starts, tokenizer, seq_len, seed, shuffle, source=source,
                          sha256=sha256)

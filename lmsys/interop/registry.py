@@ -362,6 +362,15 @@ class Registry:
                    name, alias, str(resolved.version))
         return self.resolve(f"{name}@{alias}")
 
+    def log_eval(self, ref: str | Ref, metrics: dict[str, float]) -> Resolved:
+        """Adds evaluation metrics (`lmsys eval --register`) to a version's `eval` tag, keeping
+        earlier ones it does not replace."""
+        r = self.resolve(ref)
+        merged = {**json.loads(r.tags.get(TAG + "eval") or "{}"), **metrics}
+        self._call(f"cannot tag {r}", self.client.set_model_version_tag, r.name, str(r.version),
+                   TAG + "eval", json.dumps(merged, sort_keys=True))
+        return self.resolve(f"{r.name}/{r.version}")
+
     def delete(self, name: str, version: int | str | None = None) -> None:
         """Deletes a version (or the whole model) from the registry; checkpoint files stay."""
         if version is None:

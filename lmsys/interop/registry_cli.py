@@ -13,6 +13,7 @@ def format_version(r: Resolved) -> str:
     t = {k[len(TAG):]: v for k, v in r.tags.items() if k.startswith(TAG)}
     mesh = json.loads(t.get("mesh") or "{}")
     metrics = json.loads(t.get("final_metrics") or "{}")
+    evals = json.loads(t.get("eval") or "{}")  # lmsys eval --register
     metrics_text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in metrics.items() if v is not None) or "-"
     rows = [
@@ -24,6 +25,7 @@ def format_version(r: Resolved) -> str:
         ("mesh", " ".join(f"{k}={v}" for k, v in mesh.items()) or "-"),
         ("data", f"source={t.get('data_source') or '-'} tokenizer={t.get('data_tokenizer') or '-'}"),
         ("metrics", metrics_text),
+        ("eval", " ".join(f"{k}={v:.4g}" for k, v in sorted(evals.items())) or "-"),
         ("parent", t.get("parent") or "-"),
         ("model", t.get("model_config", "{}")),
         ("registered", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.created))),

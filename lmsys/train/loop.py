@@ -161,7 +161,29 @@ def load_data(cfg: Config):
                                   cfg.seed, tokenizer_spec=d.tokenizer, max_conversations=d.max_documents,
                                   cache_dir=cache_dir, shuffle=d.shuffle)
     return build_dataset(d.source, tokenizer, cfg.seq_len, cfg.seed, text_field=d.text_field,
-                         max_documents=d.max_documents, cache_dir=cache_dir, shuffle=d.shuffle)
+                         max_documents=d.max_documents, cache_dir=cache_dir, shuffle=d.shuffle,
+                         holdout=cfg.eval.holdout)
+
+
+def make_evaluator(cfg: Config, trainer: Trainer, dataset):
+    """The held-out evaluator of the run (compiled now), or None when eval.every is 0."""
+    if not cfg.eval.every:
+        return None
+    from lmsys.eval.heldout import HeldoutEval
+
+    return HeldoutEval(cfg, trainer, dataset.tokenizer)
+
+
+def _evaluate(evaluator, cfg: Config, state, step: int, sinks) -> dict | None:
+    """At every eval.every steps and at the last step (whatever piece of the run this is, so a
+    resumed run keeps the schedule): the held-out metrics, written to `sinks`."""
+    if evaluator is None or (step % cfg.eval.every and step != cfg.steps):
+        return None
+    record = evaluator.evaluate(state["params"], step)
+    for sink in sinks:
+        if sink:
+            sink.write(record)
+    return record
 
 
 def _with_tokenizer(cfg: Config, spec: str) -> Config:
@@ -228,6 +250,7 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
 
     step = int(state["step"])
     step_fn = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch()).compile()
+    evaluator = make_evaluator(cfg, trainer, dataset)
     writer = MetricsWriter(run_dir) if lead else None
     tracker = None
     if lead and cfg.tracking.mlflow:  # mlflow is imported only when enabled
@@ -277,6 +300,12 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                             f"loss or gradients were not finite for {int(m['nonfinite_streak'])} steps in "
                             f"a row (to step {step}; those updates were skipped); {where}; lower "
                             f"optimizer.lr, raise optimizer.warmup_steps or check the data")
+                evaluated = _evaluate(evaluator, cfg, state, step, (writer, tracker))
+                if evaluated:
+                    history.append(evaluated)
+                    if bar:
+                        bar.write(f"step {step}: eval_loss {evaluated['eval_loss']:.4f}, "
+                                  f"eval_bits_per_byte {evaluated['eval_bits_per_byte']:.4f}")
                 if bar:
                     bar.update(1)
                 periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
