@@ -295,38 +295,40 @@ def axis_size(mesh: MeshConfig, axis: str) -> int:
     return v if v == -1 else v * getattr(mesh, f"dcn_{axis}", 1)
 
 
-def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r}: {rule}")
 
 
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
+    from lmsys.config_checks import check_moe, check_pipeline, check_sequence, check_tensor
+
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
-        _check(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
-    _check(m.n_heads % m.n_kv_heads == 0, "model.n_heads", m.n_heads,
-           f"must be a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
-    _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE")
-    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
-    _check(m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
-           m.rope_scaling_factor, "must be 0 (off) or >= 1")
-    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
-    _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
-    _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
-           f"must be one of {', '.join(ATTENTION_IMPLS)}")
+        check_key(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be positive")
+    check_key(m.n_heads % m.n_kv_heads == 0, "model.n_heads", m.n_heads,
+              f"must be a multiple of model.n_kv_heads ({m.n_kv_heads}) for grouped-query attention")
+    check_key(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE")
+    check_key(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive")
+    check_key(m.rope_scaling_factor == 0 or m.rope_scaling_factor >= 1, "model.rope_scaling_factor",
+              m.rope_scaling_factor, "must be 0 (off) or >= 1")
+    check_key(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be positive")
+    check_key(m.init_std > 0, "model.init_std", m.init_std, "must be positive")
+    check_key(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
+              f"must be one of {', '.join(ATTENTION_IMPLS)}")
 
     for axis in MESH_AXES:
         v = getattr(cfg.mesh, axis)
-        _check(v == -1 or v >= 1, f"mesh.{axis}", v, "must be a positive device count or -1 (fill)")
+        check_key(v == -1 or v >= 1, f"mesh.{axis}", v, "must be a positive device count or -1 (fill)")
     for axis in DCN_AXES:
         v = getattr(cfg.mesh, f"dcn_{axis}")
-        _check(v >= 1, f"mesh.dcn_{axis}", v, "must be a positive number of slices / nodes (1 = none)")
+        check_key(v >= 1, f"mesh.dcn_{axis}", v, "must be a positive number of slices / nodes (1 = none)")
     fills = [a for a in MESH_AXES if getattr(cfg.mesh, a) == -1]
-    _check(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
-           f"only one mesh axis may be -1, got {', '.join(fills)}")
-    _check(cfg.mesh.sequence_method in SEQUENCE_METHODS, "mesh.sequence_method", cfg.mesh.sequence_method,
-           f"must be one of {', '.join(SEQUENCE_METHODS)}")
+    check_key(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", -1,
+              f"only one mesh axis may be -1, got {', '.join(fills)}")
+    check_key(cfg.mesh.sequence_method in SEQUENCE_METHODS, "mesh.sequence_method", cfg.mesh.sequence_method,
+              f"must be one of {', '.join(SEQUENCE_METHODS)}")
     if axis_size(cfg.mesh, "sequence") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_sequence(cfg, axis_size(cfg.mesh, "sequence"))
     if cfg.mesh.tensor > 1:  # -1 (fill) is checked once the mesh is built (check_mesh)
@@ -334,57 +336,57 @@ def validate(cfg: Config) -> None:
 
     check_moe(cfg)
 
-    _check(cfg.pipeline.microbatches >= 0, "pipeline.microbatches", cfg.pipeline.microbatches,
-           "must be >= 0 (0 = mesh.stage)")
-    _check(cfg.pipeline.repeats >= 1, "pipeline.repeats", cfg.pipeline.repeats,
-           "must be >= 1 (1 = GPipe, more = circular)")
+    check_key(cfg.pipeline.microbatches >= 0, "pipeline.microbatches", cfg.pipeline.microbatches,
+              "must be >= 0 (0 = mesh.stage)")
+    check_key(cfg.pipeline.repeats >= 1, "pipeline.repeats", cfg.pipeline.repeats,
+              "must be >= 1 (1 = GPipe, more = circular)")
 
     o = cfg.optimizer
-    _check(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
-    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
-    _check(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    _check(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
-    _check(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
-    _check(o.eps > 0, "optimizer.eps", o.eps, "must be positive")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
-    _check(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
+    check_key(o.lr > 0 and math.isfinite(o.lr), "optimizer.lr", o.lr, "must be a positive number")
+    check_key(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+    check_key(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    check_key(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
+    check_key(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
+    check_key(o.eps > 0, "optimizer.eps", o.eps, "must be positive")
+    check_key(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    check_key(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0 = no clipping)")
 
-    _check(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
-    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
-    _check(cfg.data.max_documents >= 0, "data.max_documents", cfg.data.max_documents, "must be >= 0")
-    _check(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
-    _check(cfg.data.format in DATA_FORMATS, "data.format", cfg.data.format,
-           f"must be one of {', '.join(DATA_FORMATS)}")
-    _check(cfg.data.format != "chat" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
-           "data.tokenizer", cfg.data.tokenizer,
-           "data.format=chat needs the model's tokenizer: set init_from=MODEL_DIR or data.tokenizer=PATH")
+    check_key(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
+    check_key(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    check_key(cfg.data.max_documents >= 0, "data.max_documents", cfg.data.max_documents, "must be >= 0")
+    check_key(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
+    check_key(cfg.data.format in DATA_FORMATS, "data.format", cfg.data.format,
+              f"must be one of {', '.join(DATA_FORMATS)}")
+    check_key(cfg.data.format != "chat" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
+              "data.tokenizer", cfg.data.tokenizer,
+              "data.format=chat needs the model's tokenizer: set init_from=MODEL_DIR or data.tokenizer=PATH")
 
     dist = cfg.distributed
-    _check(dist.num_processes >= 0, "distributed.num_processes", dist.num_processes, "must be >= 0 (0 = auto)")
-    _check(dist.process_id >= -1, "distributed.process_id", dist.process_id, "must be >= 0, or -1 (auto)")
-    _check(dist.process_id < max(dist.num_processes, dist.process_id + 1), "distributed.process_id",
-           dist.process_id, f"must be below distributed.num_processes ({dist.num_processes})")
-    _check(not dist.coordinator_address or ":" in dist.coordinator_address, "distributed.coordinator_address",
-           dist.coordinator_address, "must be host:port")
-    _check(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
-    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
-    _check(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
-    _check(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be >= 1")
-    _check(cfg.batch_size % cfg.grad_accum == 0, "batch_size", cfg.batch_size,
-           f"must be divisible by grad_accum ({cfg.grad_accum})")
-    _check(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1")
-    _check(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "must be >= 1")
-    _check(cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "must be >= 0 (0 = known device peak)")
-    _check(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
-    _check(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")
-    _check(cfg.loss_chunk >= 0 and (cfg.loss_chunk == 0 or cfg.seq_len % cfg.loss_chunk == 0),
-           "loss_chunk", cfg.loss_chunk, f"must be 0 (off) or a divisor of seq_len ({cfg.seq_len})")
-    _check(cfg.loss_chunk == 0 or axis_size(cfg.mesh, "sequence") == 1, "loss_chunk", cfg.loss_chunk,
-           "must be 0 with mesh.sequence > 1 (chunks of a sequence split over devices are not "
-           "supported); the logits are then already split over `sequence`")
-    _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
-    _check(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
-           "must name an MLflow experiment, e.g. lmsys")
+    check_key(dist.num_processes >= 0, "distributed.num_processes", dist.num_processes, "must be >= 0 (0 = auto)")
+    check_key(dist.process_id >= -1, "distributed.process_id", dist.process_id, "must be >= 0, or -1 (auto)")
+    check_key(dist.process_id < max(dist.num_processes, dist.process_id + 1), "distributed.process_id",
+              dist.process_id, f"must be below distributed.num_processes ({dist.num_processes})")
+    check_key(not dist.coordinator_address or ":" in dist.coordinator_address, "distributed.coordinator_address",
+              dist.coordinator_address, "must be host:port")
+    check_key(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+    check_key(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    check_key(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
+    check_key(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be >= 1")
+    check_key(cfg.batch_size % cfg.grad_accum == 0, "batch_size", cfg.batch_size,
+              f"must be divisible by grad_accum ({cfg.grad_accum})")
+    check_key(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1")
+    check_key(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "must be >= 1")
+    check_key(cfg.peak_flops >= 0, "peak_flops", cfg.peak_flops, "must be >= 0 (0 = known device peak)")
+    check_key(cfg.remat in REMAT_POLICIES, "remat", cfg.remat, f"must be one of {', '.join(REMAT_POLICIES)}")
+    check_key(cfg.dtype in DTYPES, "dtype", cfg.dtype, f"must be one of {', '.join(DTYPES)}")
+    check_key(cfg.loss_chunk >= 0 and (cfg.loss_chunk == 0 or cfg.seq_len % cfg.loss_chunk == 0),
+              "loss_chunk", cfg.loss_chunk, f"must be 0 (off) or a divisor of seq_len ({cfg.seq_len})")
+    check_key(cfg.loss_chunk == 0 or axis_size(cfg.mesh, "sequence") == 1, "loss_chunk", cfg.loss_chunk,
+              "must be 0 with mesh.sequence > 1 (chunks of a sequence split over devices are not "
+              "supported); the logits are then already split over `sequence`")
+    check_key(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must be a directory path")
+    check_key(bool(cfg.tracking.experiment), "tracking.experiment", cfg.tracking.experiment,
+              "must name an MLflow experiment, e.g. lmsys")
     if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
     check_eval(cfg)
@@ -393,109 +395,15 @@ def validate(cfg: Config) -> None:
 def check_eval(cfg: Config) -> None:
     """The eval.* keys: a held-out split or an eval source (not both) when evaluating."""
     e = cfg.eval
-    _check(e.every >= 0, "eval.every", e.every, "must be >= 0 (0 = no evaluation)")
-    _check(e.batches >= 1, "eval.batches", e.batches, "must be >= 1")
-    _check(0 <= e.holdout < 1, "eval.holdout", e.holdout, "must be a fraction in [0, 1)")
-    _check(not (e.source and e.holdout), "eval.holdout", e.holdout,
-           f"eval.source is set ({e.source!r}): evaluate on it or on a held-out split, not both; "
-           f"set eval.holdout=0 or eval.source=''")
+    check_key(e.every >= 0, "eval.every", e.every, "must be >= 0 (0 = no evaluation)")
+    check_key(e.batches >= 1, "eval.batches", e.batches, "must be >= 1")
+    check_key(0 <= e.holdout < 1, "eval.holdout", e.holdout, "must be a fraction in [0, 1)")
+    check_key(not (e.source and e.holdout), "eval.holdout", e.holdout,
+              f"eval.source is set ({e.source!r}): evaluate on it or on a held-out split, not both; "
+              f"set eval.holdout=0 or eval.source=''")
     if e.every:
-        _check(bool(e.source) or e.holdout > 0, "eval.every", e.every,
-               "needs evaluation documents: set eval.holdout (e.g. 0.05) or eval.source=PATHS")
-        _check(cfg.data.format == "text", "eval.every", e.every,
-               f"held-out evaluation reads text documents; data.format={cfg.data.format!r} is not "
-               f"supported: set eval.every=0")
-
-
-def check_moe(cfg: Config) -> None:
-    """The mixture-of-experts keys, and a `mesh.expert` that splits the experts evenly."""
-    m, e = cfg.model, axis_size(cfg.mesh, "expert")
-    _check(m.n_experts >= 0, "model.n_experts", m.n_experts, "must be >= 0 (0 = a dense MLP)")
-    if not m.n_experts:
-        if e > 1:
-            check_experts(cfg, e)
-        return
-    _check(1 <= m.experts_per_token <= m.n_experts, "model.experts_per_token", m.experts_per_token,
-           f"must be between 1 and model.n_experts ({m.n_experts})")
-    for key in ("n_shared_experts", "moe_d_ff", "moe_capacity_factor", "router_aux_loss", "router_z_loss"):
-        _check(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
-    t = cfg.mesh.tensor
-    _check(t <= 1 or (m.moe_d_ff or m.d_ff) % t == 0, "model.moe_d_ff", m.moe_d_ff or m.d_ff,
-           f"must be divisible by mesh.tensor ({t})")
-    if e > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
-        check_experts(cfg, e)
-
-
-def check_experts(cfg: Config, n: int) -> None:
-    """`n` devices on the expert axis each hold the same number of whole experts."""
-    _check(cfg.model.n_experts > 0, "mesh.expert", n,
-           "needs a mixture-of-experts model (model.n_experts > 0); use mesh.data for data parallelism")
-    _check(cfg.model.n_experts % n == 0, "model.n_experts", cfg.model.n_experts,
-           f"must be divisible by mesh.expert ({n}) so each device holds whole experts; change "
-           "mesh.expert or model.n_experts")
-
-
-def check_mesh(cfg: Config, sizes: dict[str, int], batch_axes: tuple[str, ...]) -> None:
-    """The rules that need every mesh axis's size (an axis may be -1 in the config, known only
-    once the mesh is built): the Trainer checks them on its mesh and `lmsys plan` on the sizes it
-    plans for. `batch_axes`: the mesh axes the batch splits over (the rule table's `batch`)."""
-    stages = sizes.get("stage", 1)
-    if stages > 1:
-        check_pipeline(cfg, stages)
-    if sizes.get("sequence", 1) > 1:
-        check_sequence(cfg, sizes["sequence"])
-    if sizes.get("tensor", 1) > 1:
-        check_tensor(cfg, sizes["tensor"])
-    experts = sizes.get("expert", 1)
-    if cfg.model.n_experts or experts > 1:
-        check_experts(cfg, experts)
-        check_moe(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=stages)))
-    divisor = math.prod(sizes.get(a, 1) for a in batch_axes)
-    # microbatches of gradient accumulation, each split again into pipeline microbatches
-    splits = cfg.grad_accum * ((cfg.pipeline.microbatches or stages) if stages > 1 else 1)
-    micro = cfg.batch_size // splits
-    if micro % divisor:
-        axes = " x ".join(a for a in batch_axes if a != "expert" or experts > 1)
-        raise ConfigError(
-            f"config key 'batch_size' = {cfg.batch_size}: each of the {splits} microbatches "
-            f"({micro} sequences) must split over mesh {axes} = {divisor} devices; use a "
-            f"batch_size that is a multiple of {divisor * splits}")
-
-
-def check_tensor(cfg: Config, t: int) -> None:
-    """Heads and the MLP split evenly over `t` tensor-parallel devices."""
-    m = cfg.model
-    _check(m.n_heads % t == 0, "model.n_heads", m.n_heads,
-           f"must be divisible by mesh.tensor ({t}); change mesh.tensor or model.n_heads")
-    _check(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-           f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
-    _check(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
-
-
-def check_sequence(cfg: Config, n: int) -> None:
-    """The sequence splits evenly over a ring of n devices: into n chunks, or with
-    `mesh.sequence_load_balance` into 2n (each device holds two, lmsys.parallel.context)."""
-    if cfg.mesh.sequence_load_balance:
-        _check(cfg.seq_len % (2 * n) == 0, "seq_len", cfg.seq_len,
-               f"must be divisible by 2 x mesh.sequence = {2 * n} for the load-balanced ring (each "
-               f"device holds 2 of {2 * n} chunks); use a multiple of {2 * n} or set "
-               "mesh.sequence_load_balance=false")
-    else:
-        _check(cfg.seq_len % n == 0, "seq_len", cfg.seq_len, f"must be divisible by mesh.sequence ({n})")
-
-
-def check_pipeline(cfg: Config, stages: int) -> None:
-    """The layers split into `stages` x `pipeline.repeats` equal chunks, and every stage gets
-    work: at least `stages` microbatches, each a whole number of rows."""
-    chunks = stages * cfg.pipeline.repeats
-    _check(cfg.model.n_layers % chunks == 0, "model.n_layers", cfg.model.n_layers,
-           f"must be divisible by mesh.stage x pipeline.repeats = {stages} x {cfg.pipeline.repeats} "
-           f"= {chunks} (equal layer chunks per stage); change mesh.stage or pipeline.repeats")
-    m = cfg.pipeline.microbatches or stages
-    _check(m >= stages, "pipeline.microbatches", m,
-           f"must be >= mesh.stage ({stages}): with fewer microbatches than stages some stage "
-           "never has work; use more microbatches (the bubble is (stages-1)/(microbatches+stages-1))")
-    rows = cfg.batch_size // cfg.grad_accum
-    _check(rows % m == 0, "pipeline.microbatches", m,
-           f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
-           f"choose a divisor of {rows} that is >= {stages}")
+        check_key(bool(e.source) or e.holdout > 0, "eval.every", e.every,
+                  "needs evaluation documents: set eval.holdout (e.g. 0.05) or eval.source=PATHS")
+        check_key(cfg.data.format == "text", "eval.every", e.every,
+                  f"held-out evaluation reads text documents; data.format={cfg.data.format!r} is not "
+                  f"supported: set eval.every=0")

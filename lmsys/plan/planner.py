@@ -20,7 +20,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from lmsys.config import MESH_AXES, Config, ConfigError, check_mesh
+from lmsys.config import MESH_AXES, Config, ConfigError
+from lmsys.config_checks import check_mesh
 from lmsys.models import llama
 from lmsys.plan.analysis import (
     ARGUMENT_PARTS,
@@ -127,7 +128,7 @@ def _sizes(cfg: Config, devices: int) -> dict[str, int]:
 
 
 def _check(cfg: Config, sizes: dict[str, int]) -> None:
-    """The rules the Trainer enforces on its mesh (lmsys.config.check_mesh), without building it."""
+    """The rules the Trainer enforces on its mesh (lmsys.config_checks.check_mesh), without building it."""
     from lmsys.parallel.mesh import DEFAULT_RULES
 
     try:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from lmsys.config import Config, OptimizerConfig, check_mesh
+from lmsys.config import Config, OptimizerConfig
+from lmsys.config_checks import check_mesh
 from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.parallel.context import to_load_balanced

@@ -1,0 +1,105 @@
+"""The config rules that depend on mesh axis sizes: experts, tensor, sequence and pipeline
+splits and the batch split. `lmsys.config.validate` applies them for the sizes a config names;
+the Trainer (on its built mesh, where a -1 axis is known) and `lmsys plan` (on the sizes it plans
+for) apply them all through `check_mesh`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from lmsys.config import Config, ConfigError, axis_size, check_key
+
+
+def check_moe(cfg: Config) -> None:
+    """The mixture-of-experts keys, and a `mesh.expert` that splits the experts evenly."""
+    m, e = cfg.model, axis_size(cfg.mesh, "expert")
+    check_key(m.n_experts >= 0, "model.n_experts", m.n_experts, "must be >= 0 (0 = a dense MLP)")
+    if not m.n_experts:
+        if e > 1:
+            check_experts(cfg, e)
+        return
+    check_key(1 <= m.experts_per_token <= m.n_experts, "model.experts_per_token", m.experts_per_token,
+              f"must be between 1 and model.n_experts ({m.n_experts})")
+    for key in ("n_shared_experts", "moe_d_ff", "moe_capacity_factor", "router_aux_loss", "router_z_loss"):
+        check_key(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0")
+    t = cfg.mesh.tensor
+    check_key(t <= 1 or (m.moe_d_ff or m.d_ff) % t == 0, "model.moe_d_ff", m.moe_d_ff or m.d_ff,
+              f"must be divisible by mesh.tensor ({t})")
+    if e > 1:  # -1 (fill) is checked once the mesh is built (lmsys.train.Trainer)
+        check_experts(cfg, e)
+
+
+def check_experts(cfg: Config, n: int) -> None:
+    """`n` devices on the expert axis each hold the same number of whole experts."""
+    check_key(cfg.model.n_experts > 0, "mesh.expert", n,
+              "needs a mixture-of-experts model (model.n_experts > 0); use mesh.data for data parallelism")
+    check_key(cfg.model.n_experts % n == 0, "model.n_experts", cfg.model.n_experts,
+              f"must be divisible by mesh.expert ({n}) so each device holds whole experts; change "
+              "mesh.expert or model.n_experts")
+
+
+def check_mesh(cfg: Config, sizes: dict[str, int], batch_axes: tuple[str, ...]) -> None:
+    """The rules that need every mesh axis's size (an axis may be -1 in the config, known only
+    once the mesh is built): the Trainer checks them on its mesh and `lmsys plan` on the sizes it
+    plans for. `batch_axes`: the mesh axes the batch splits over (the rule table's `batch`)."""
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        check_pipeline(cfg, stages)
+    if sizes.get("sequence", 1) > 1:
+        check_sequence(cfg, sizes["sequence"])
+    if sizes.get("tensor", 1) > 1:
+        check_tensor(cfg, sizes["tensor"])
+    experts = sizes.get("expert", 1)
+    if cfg.model.n_experts or experts > 1:
+        check_experts(cfg, experts)
+        check_moe(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, stage=stages)))
+    divisor = math.prod(sizes.get(a, 1) for a in batch_axes)
+    # microbatches of gradient accumulation, each split again into pipeline microbatches
+    splits = cfg.grad_accum * ((cfg.pipeline.microbatches or stages) if stages > 1 else 1)
+    micro = cfg.batch_size // splits
+    if micro % divisor:
+        axes = " x ".join(a for a in batch_axes if a != "expert" or experts > 1)
+        raise ConfigError(
+            f"config key 'batch_size' = {cfg.batch_size}: each of the {splits} microbatches "
+            f"({micro} sequences) must split over mesh {axes} = {divisor} devices; use a "
+            f"batch_size that is a multiple of {divisor * splits}")
+
+
+def check_tensor(cfg: Config, t: int) -> None:
+    """Heads and the MLP split evenly over `t` tensor-parallel devices."""
+    m = cfg.model
+    check_key(m.n_heads % t == 0, "model.n_heads", m.n_heads,
+              f"must be divisible by mesh.tensor ({t}); change mesh.tensor or model.n_heads")
+    check_key(m.n_kv_heads % t == 0 or t % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+              f"must divide or be divisible by mesh.tensor ({t}) so KV heads shard or replicate evenly")
+    check_key(m.d_ff % t == 0, "model.d_ff", m.d_ff, f"must be divisible by mesh.tensor ({t})")
+
+
+def check_sequence(cfg: Config, n: int) -> None:
+    """The sequence splits evenly over a ring of n devices: into n chunks, or with
+    `mesh.sequence_load_balance` into 2n (each device holds two, lmsys.parallel.context)."""
+    if cfg.mesh.sequence_load_balance:
+        check_key(cfg.seq_len % (2 * n) == 0, "seq_len", cfg.seq_len,
+                  f"must be divisible by 2 x mesh.sequence = {2 * n} for the load-balanced ring (each "
+                  f"device holds 2 of {2 * n} chunks); use a multiple of {2 * n} or set "
+                  "mesh.sequence_load_balance=false")
+    else:
+        check_key(cfg.seq_len % n == 0, "seq_len", cfg.seq_len, f"must be divisible by mesh.sequence ({n})")
+
+
+def check_pipeline(cfg: Config, stages: int) -> None:
+    """The layers split into `stages` x `pipeline.repeats` equal chunks, and every stage gets
+    work: at least `stages` microbatches, each a whole number of rows."""
+    chunks = stages * cfg.pipeline.repeats
+    check_key(cfg.model.n_layers % chunks == 0, "model.n_layers", cfg.model.n_layers,
+              f"must be divisible by mesh.stage x pipeline.repeats = {stages} x {cfg.pipeline.repeats} "
+              f"= {chunks} (equal layer chunks per stage); change mesh.stage or pipeline.repeats")
+    m = cfg.pipeline.microbatches or stages
+    check_key(m >= stages, "pipeline.microbatches", m,
+              f"must be >= mesh.stage ({stages}): with fewer microbatches than stages some stage "
+              "never has work; use more microbatches (the bubble is (stages-1)/(microbatches+stages-1))")
+    rows = cfg.batch_size // cfg.grad_accum
+    check_key(rows % m == 0, "pipeline.microbatches", m,
+              f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
+              f"choose a divisor of {rows} that is >= {stages}")
