@@ -47,10 +47,9 @@ disconnects has its requests aborted (its pages return to the pool on the next l
 from __future__ import annotations
 
 import contextlib
-import hmac
+import logging
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 
@@ -68,28 +67,41 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmsys.serve.api import APIError, EngineFailure, validation_message
+from lmsys.serve.api import APIError, EngineFailure, Limits, validation_message
 from lmsys.serve.engine import Engine
+from lmsys.serve.gate import Gate, KeyRing
 from lmsys.serve.routes import Routes, add_routes
 from lmsys.serve.scheduler import GenerationOptions, Request
 
-SERVED_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # the Retry-After of a full queue
 
 
 # ---------------------------------------------------------------------------------- the engine thread
 
 
 class EngineLoop:
-    """Steps the engine on one thread while it has work; sleeps on a condition otherwise."""
+    """Steps the engine on one thread while it has work; sleeps on a condition otherwise.
 
-    def __init__(self, engine: Engine, on_step_error: Callable[[BaseException], None] | None = None):
+    Supervised: a failed step fails the requests it was running and the loop goes on; if the
+    loop itself dies (its failure path raised, or a BaseException), `dead` says why, every
+    queued and running request gets a 503 at once, `submit` answers 503 from then on, and
+    `on_death` is called (`serve` then shuts the server down and exits non-zero).
+    """
+
+    def __init__(self, engine: Engine, on_step_error: Callable[[BaseException], None] | None = None,
+                 max_queue: int = 0, on_death: Callable[[BaseException], None] | None = None):
         self.engine = engine
         self.cond = threading.Condition()
+        self.admission = threading.Lock()
         self.aborts: deque[Request] = deque()
         self.stopped = False
         self.thread: threading.Thread | None = None
         self.errors = 0
-        self.on_step_error = on_step_error
+        self.on_step_error, self.on_death = on_step_error, on_death
+        self.max_queue = max_queue  # engine requests waiting for a slot at most (0 = no limit)
+        self.dead: str | None = None
+        self.fault: BaseException | None = None
 
     def start(self) -> None:
         self.stopped = False
@@ -105,12 +117,42 @@ class EngineLoop:
         for req in list(self.engine.running) + list(self.engine.waiting):
             self.engine.abort(req)
 
+    def inject_fault(self, error: BaseException) -> None:
+        """The fault hook: the engine thread raises `error` at its next turn, outside the
+        per-step handling (as if its failure path had raised): it dies, supervised."""
+        with self.cond:
+            self.fault = error
+            self.cond.notify_all()
+
     def submit(self, prompt_ids: list[int], options: GenerationOptions, on_event: Callable) -> Request:
-        """Queues a request (raises RequestError if it can never be served); wakes the loop."""
-        req = self.engine.add_request(prompt_ids, options, on_event)
+        """Queues one request; see `submit_all`."""
+        return self.submit_all([(prompt_ids, options, on_event)])[0]
+
+    def submit_all(self, items: list[tuple[list[int], GenerationOptions, Callable]]) -> list[Request]:
+        """Queues every (prompt ids, options, on_event), all or none: APIError 503 if the engine
+        thread is dead, 429 (Retry-After) if they would take the queue past `max_queue` while
+        others wait; RequestError if one can never be served. Wakes the loop."""
+        reqs = []
+        with self.admission:
+            if self.dead:
+                raise _unavailable(self.dead)
+            waiting = len(self.engine.waiting)
+            if self.max_queue and waiting and waiting + len(items) > self.max_queue:
+                raise APIError(429, f"the server is busy: {waiting} requests are queued (limit "
+                                    f"{self.max_queue}); retry in {RETRY_AFTER_S} s", type="server_overloaded",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            try:
+                for ids, options, on_event in items:
+                    reqs.append(self.engine.add_request(ids, options, on_event))
+            except BaseException:
+                for req in reqs:
+                    self.engine.abort(req)
+                raise
         with self.cond:
             self.cond.notify_all()
-        return req
+        if self.dead:  # died while these were added: the death may not have seen them
+            self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
+        return reqs
 
     def abort(self, req: Request) -> None:
         """Aborts on the engine thread, between steps (never blocks the caller on a step)."""
@@ -119,11 +161,19 @@ class EngineLoop:
             self.cond.notify_all()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - supervised: the loop died; say so and fail everything
+            self._die(e)
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self.cond:
-                while not self.stopped and not self.aborts and not engine.has_work():
+                while not (self.stopped or self.aborts or self.fault or engine.has_work()):
                     self.cond.wait()
+                if self.fault is not None:
+                    raise self.fault
                 if self.stopped:
                     return
                 aborts = list(self.aborts)
@@ -136,24 +186,50 @@ class EngineLoop:
                 engine.step()
             except Exception as e:  # noqa: BLE001 - the server outlives a failed step
                 self.errors += 1
-                traceback.print_exc()
+                log.exception("an engine step failed; failing the requests it was running")
                 self._fail_running(e)
+
+    def _die(self, error: BaseException) -> None:
+        with self.cond:
+            self.dead = f"{type(error).__name__}"
+        log.critical("the engine thread died (%s); every request now gets 503", type(error).__name__,
+                     exc_info=error)
+        engine = self.engine
+        locked = engine.lock.acquire(timeout=5)  # released by a step that raised
+        try:
+            reqs = list(engine.running) + list(engine.waiting)
+        finally:
+            if locked:
+                engine.lock.release()
+        self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
+        if self.on_death:
+            with contextlib.suppress(Exception):
+                self.on_death(error)
+
+    def _fail(self, reqs: list[Request], failure: EngineFailure) -> None:
+        for req in reqs:
+            with contextlib.suppress(Exception):
+                self.engine.abort(req)
+            if req.on_event:
+                with contextlib.suppress(Exception):
+                    req.on_event(failure)
 
     def _fail_running(self, error: Exception) -> None:
         """Fails the requests the failed step was running and makes the engine usable again."""
         engine = self.engine
-        for req in list(engine.running):
-            engine.abort(req)
-            if req.on_event:
-                with contextlib.suppress(Exception):
-                    req.on_event(EngineFailure(f"the engine failed while running this request: "
-                                               f"{type(error).__name__}: {error}"))
+        self._fail(list(engine.running), EngineFailure(
+            "the engine failed while running this request; the server logged the error"))
         # a jitted step that fails after donating the KV cache leaves it deleted: rebuild it
         # (empty: every request that had pages in it was just aborted)
         if any(a.is_deleted() for a in engine.kv):
             engine.reset_cache()
         if self.on_step_error:
             self.on_step_error(error)
+
+
+def _unavailable(reason: str) -> APIError:
+    return APIError(503, f"the engine is not running ({reason}); the server is shutting down or "
+                         f"must be restarted", type="server_error", code="engine_unavailable")
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -176,59 +252,42 @@ class Metrics:
             lambda: engine.pool.num_pages)
         self.ttft = Histogram("lmsys_time_to_first_token_seconds", "Arrival to first generated token",
                               registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.key_requests = Counter("lmsys_key_requests", "HTTP requests by API key name and status",
+                                    ["key", "status"], registry=r)
+        self.key_tokens = Counter("lmsys_key_tokens", "Tokens by API key name: prompt or completion",
+                                  ["key", "kind"], registry=r)
         self.itl = Histogram("lmsys_inter_token_latency_seconds", "Time between generated tokens",
                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-
-
-class _Gate:
-    """ASGI middleware, outermost: checks the API key of /v1 requests (before the body is
-    read), and counts every HTTP request by endpoint and response status."""
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
-
-    def authorized(self, scope) -> bool:
-        if self.api_key is None:
-            return True
-        header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if scope["path"].startswith("/v1") and not self.authorized(scope):
-                response = APIError(401, "missing or wrong API key: send the header "
-                                         "'Authorization: Bearer <key>'", code="invalid_api_key").response()
-                return await response(scope, receive, send_status)
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"].rstrip("/") or "/"
-            if path.startswith("/v1/models"):
-                path = "/v1/models"
-            endpoint = path if path in SERVED_PATHS else "other"
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
 
 
 # ---------------------------------------------------------------------------------- the app
 
 
 def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None = None,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, *, keys: KeyRing | None = None,
+               limits: Limits | None = None, public_metrics: bool = False,
+               on_engine_death: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine thread.
+    `api_key` (one key) or `keys` (lmsys.serve.gate.load_api_keys) gate every path but /health
+    (/metrics too unless `public_metrics`); `limits` bound what is admitted (api.Limits);
+    `on_engine_death` is called if the engine thread dies (requests get 503 from then on).
     `app.state.server` is the Routes (lmsys.serve.routes), `app.state.server.loop` the
     EngineLoop, `app.state.server.metrics.registry` the metrics."""
+    limits = limits or Limits()
+    if api_key is not None:
+        if keys is not None:
+            raise ValueError("give api_key or keys, not both")
+        keys = KeyRing.single(api_key)
     counters = Metrics(engine)
-    loop = EngineLoop(engine, on_step_error=lambda e: counters.engine_errors.inc())
-    server = Routes(engine, model_name, tokenizer, chat_template, loop, counters)
+
+    def died(error: BaseException) -> None:
+        counters.engine_errors.inc()
+        if on_engine_death:
+            on_engine_death(error)
+
+    loop = EngineLoop(engine, on_step_error=lambda e: counters.engine_errors.inc(),
+                      max_queue=limits.max_queue, on_death=died)
+    server = Routes(engine, model_name, tokenizer, chat_template, loop, counters, limits=limits, keys=keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -240,7 +299,8 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
     app = FastAPI(title="lmsys", description="OpenAI-compatible API over the lmsys engine", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(_Gate, api_key=api_key, metrics=counters)
+    app.add_middleware(Gate, keys=keys, metrics=counters, max_body_bytes=limits.max_body_bytes,
+                       public_metrics=public_metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -263,19 +323,19 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
     @app.exception_handler(EngineFailure)
     async def _engine_error(_, e: EngineFailure):
-        return APIError(500, str(e), type="server_error").response()
+        return e.error().response()
 
     @app.exception_handler(Exception)
     async def _any_error(_, e: Exception):
-        traceback.print_exception(e)
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+        log.error("internal error answering a request", exc_info=e)
+        return APIError(500, "internal server error; the server logged it", type="server_error").response()
 
     add_routes(app, server)
 
     @app.get("/health")
     async def health():
-        if server.loop.thread is None or not server.loop.thread.is_alive():
-            raise APIError(503, "the engine thread is not running", type="server_error")
+        if server.loop.dead or server.loop.thread is None or not server.loop.thread.is_alive():
+            raise _unavailable(server.loop.dead or "stopped")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -287,12 +347,37 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
 
 def serve(engine: Engine, model_name: str, tokenizer, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, chat_template: str | None = None, log_level: str = "info") -> None:
-    """Serves until interrupted (Ctrl-C)."""
+          api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
+          **app_options) -> int:
+    """Serves until interrupted (Ctrl-C); the exit status of `run_app`. `app_options`:
+    create_app's keys, limits, public_metrics."""
+    app = create_app(engine, model_name, tokenizer, api_key=api_key, chat_template=chat_template, **app_options)
+    return run_app(app, host, port, log_level)
+
+
+def run_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+            sockets=None) -> int:
+    """Runs `app` (from create_app) with uvicorn until interrupted: 0. If the engine thread
+    dies, the app answers 503, the responses in flight finish and the server stops: 1, for a
+    supervisor (systemd, Kubernetes) to restart it."""
     import uvicorn
 
-    app = create_app(engine, model_name, tokenizer, api_key=api_key, chat_template=chat_template)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    loop = app.state.server.loop
+    on_death = loop.on_death
+
+    def died(error: BaseException) -> None:
+        if on_death:
+            on_death(error)
+        server.should_exit = True
+
+    loop.on_death = died
+    server.run(sockets=sockets)
+    if loop.dead:
+        log.critical("the engine thread died (%s): exiting with status 1", loop.dead)
+        return 1
+    return 0
 
 
 class BackgroundServer:
@@ -332,4 +417,4 @@ class BackgroundServer:
         self.stop()
 
 
-__all__ = ["BackgroundServer", "EngineLoop", "create_app", "serve"]
+__all__ = ["BackgroundServer", "EngineLoop", "create_app", "run_app", "serve"]
