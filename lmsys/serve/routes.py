@@ -3,9 +3,12 @@
 A `Routes` object turns a checked request body (lmsys.serve.api) into engine requests, one per
 prompt and choice (`n`), runs them as one `_Run` (their events merged on one asyncio queue) and
 answers with OpenAI's JSON, or server-sent events when `stream` is set. `add_routes` puts the
-endpoints on an app (lmsys.serve.server.create_app). A chat request is rendered with the
-model's chat template (lmsys.data.chat_template); a template that fails on the messages is a
-400. A client that disconnects has its requests aborted.
+endpoints on an app (lmsys.serve.server.create_app). The checks against the server's Limits,
+chat rendering and tokenizing run off the event loop, in the same worker-thread trip that
+queues the requests (a full queue is refused before any of it). A chat request is rendered with
+the model's chat template (lmsys.data.chat_template); a template that fails on the messages is a
+400. A client that disconnects has its requests aborted; a request past the request timeout is
+aborted with a 408. Tokens are counted in the metrics and against the request's API key.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class _Run:
                 c.req = req
             return items, extra
 
+        self.server.loop.check_admission()  # a full queue or a dead engine: refused before any work
         try:
             items, extra = await asyncio.to_thread(add_all)
         except RequestError as e:

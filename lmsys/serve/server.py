@@ -8,40 +8,47 @@
     GET  /v1/models                 the served model (`id` = its name)
     POST /v1/completions            prompt: str | [token ids] | a list of those (a batch)
     POST /v1/chat/completions       messages, rendered with the model's chat template
-    GET  /health                    200 {"status": "ok"}
+    GET  /health                    200 {"status": "ok"}; 503 once the engine thread is gone
     GET  /metrics                   Prometheus text (own CollectorRegistry per app):
         lmsys_requests_total{endpoint,status}, lmsys_prompt_tokens_total,
         lmsys_generated_tokens_total, lmsys_engine_errors_total, lmsys_requests_waiting (queue
         depth), lmsys_requests_running, lmsys_kv_pages_used, lmsys_kv_pages_total,
-        lmsys_time_to_first_token_seconds and lmsys_inter_token_latency_seconds (histograms)
+        lmsys_time_to_first_token_seconds and lmsys_inter_token_latency_seconds (histograms),
+        lmsys_key_requests_total{key,status} and lmsys_key_tokens_total{key,kind} (by key name)
 
 Sampling: `max_tokens`, `temperature` (0 = greedy), `top_p`, `top_k` (extension), `seed`,
 `stop` (str or list), `n` (choice i samples with seed + i), `ignore_eos` (extension).
 Completions: `logprobs` (0..5 alternatives per token), `echo` (with `logprobs`: the prompt's
-log-probs too, the first null). Chat: `logprobs: true` + `top_logprobs` (0..5). `stream: true`
-sends server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
-`stream_options: {"include_usage": true}` adds a last chunk with the usage.
+log-probs too, the first null; with `max_tokens: 0`, only those). Chat: `logprobs: true` +
+`top_logprobs` (0..5). `stream: true` sends server-sent events in OpenAI's chunk format ending
+with `data: [DONE]` (after an error event if the stream fails); `stream_options:
+{"include_usage": true}` adds a last chunk with the usage.
 
-Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
-JSON, wrong types, out-of-range values and prompts that do not fit the context; 401 for a
-missing or wrong API key (when one is set); 404 for an unknown model; 500 if the engine fails
-while running a request (the requests running in that step fail; queued ones and the server
-carry on).
+Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}` and never carry
+internal exception text (the log does): 400 naming the field (lmsys.serve.api), 401 without a
+valid key, 404 for an unknown model, 408 past the request timeout, 413 for a body over the
+limit, 429 + Retry-After for a full queue or a key over its limits (lmsys.serve.gate), 500 when
+the engine fails a request (the requests of a failed step; a request failing on the host alone),
+503 once the engine thread is gone.
 
 ## Where things are
 
-The request bodies and the error JSON are in lmsys.serve.api, the /v1 endpoints' handling in
-lmsys.serve.routes; this module is the app: the engine thread, the API-key gate, the metrics,
-/health and /metrics, and running it (`serve`, `BackgroundServer`). The chat template given to
-`create_app` (for `lmsys serve`: lmsys.data.chat_template.load_chat_template beside the model's
-tokenizer.json) is rendered as Hugging Face does; without one, DEFAULT_CHAT_TEMPLATE.
+The request bodies, limits and the error JSON are in lmsys.serve.api, the /v1 endpoints'
+handling in lmsys.serve.routes, keys, rate limits and the body limit in lmsys.serve.gate; this
+module is the app: the supervised engine thread, the metrics, /health and /metrics, and running
+it (`serve`, `run_app`, `BackgroundServer`). The chat template given to `create_app` (for
+`lmsys serve`: lmsys.data.chat_template.load_chat_template beside the model's tokenizer.json)
+is rendered as Hugging Face does; without one, DEFAULT_CHAT_TEMPLATE.
 
 ## Threads
 
 The engine is stepped by one `EngineLoop` thread (started and stopped with the app's
 lifespan): it runs `engine.step()` while there is work and sleeps on a condition otherwise.
-Events go to each HTTP request's asyncio queue via `loop.call_soon_threadsafe`. A client that
-disconnects has its requests aborted (its pages return to the pool on the next loop turn).
+Checks, chat rendering, tokenizing and queueing run in a worker thread (`asyncio.to_thread`),
+never on the event loop. Events go to each HTTP request's asyncio queue via
+`loop.call_soon_threadsafe`. A client that disconnects has its requests aborted (its pages
+return to the pool on the next loop turn). If the engine thread dies, every queued and running
+request gets a 503 at once, new ones too, and `run_app` / `serve` stop the server: exit status 1.
 """
 
 from __future__ import annotations
@@ -134,13 +141,7 @@ class EngineLoop:
         others wait; RequestError if one can never be served. Wakes the loop."""
         reqs = []
         with self.admission:
-            if self.dead:
-                raise _unavailable(self.dead)
-            waiting = len(self.engine.waiting)
-            if self.max_queue and waiting and waiting + len(items) > self.max_queue:
-                raise APIError(429, f"the server is busy: {waiting} requests are queued (limit "
-                                    f"{self.max_queue}); retry in {RETRY_AFTER_S} s", type="server_overloaded",
-                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.check_admission(len(items))
             try:
                 for ids, options, on_event in items:
                     reqs.append(self.engine.add_request(ids, options, on_event))
@@ -153,6 +154,17 @@ class EngineLoop:
         if self.dead:  # died while these were added: the death may not have seen them
             self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
         return reqs
+
+    def check_admission(self, n: int = 1) -> None:
+        """APIError 503 if the engine thread is dead, 429 if `n` more requests would take the
+        queue past `max_queue` while others wait (also a cheap early check before tokenizing)."""
+        if self.dead:
+            raise _unavailable(self.dead)
+        waiting = len(self.engine.waiting)
+        if self.max_queue and waiting and waiting + n > self.max_queue:
+            raise APIError(429, f"the server is busy: {waiting} requests are queued (limit "
+                                f"{self.max_queue}); retry in {RETRY_AFTER_S} s", type="server_overloaded",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def abort(self, req: Request) -> None:
         """Aborts on the engine thread, between steps (never blocks the caller on a step)."""
