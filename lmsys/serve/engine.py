@@ -275,6 +275,19 @@ class Engine:
     def add_request(self, prompt_ids: list[int], options: GenerationOptions | None = None,
                     on_event: Callable[[Event], None] | None = None) -> Request:
         """Queues a request; raises RequestError if it can never be served."""
+        req = self.new_request(prompt_ids, options, on_event)
+        self.enqueue(req)
+        return req
+
+    def enqueue(self, req: Request) -> None:
+        """Queues a request made by `new_request` (waits while a step holds the engine)."""
+        with self.lock:
+            self.scheduler.add(req)
+
+    def new_request(self, prompt_ids: list[int], options: GenerationOptions | None = None,
+                    on_event: Callable[[Event], None] | None = None) -> Request:
+        """A checked request, not queued yet (any thread, never waits for a step); raises
+        RequestError if it can never be served."""
         options = options or GenerationOptions()
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
@@ -286,12 +299,9 @@ class Engine:
         stop_ids = set(options.stop_token_ids)
         if self.eos_token_id is not None and not options.ignore_eos:
             stop_ids.add(self.eos_token_id)
-        with self.lock:
-            req = Request(next(self._ids), prompt_ids, options, on_event,
-                          detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                          stops=StopChecker(options.stop, stop_ids))
-            self.scheduler.add(req)
-        return req
+        return Request(next(self._ids), prompt_ids, options, on_event,
+                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       stops=StopChecker(options.stop, stop_ids))
 
     def abort(self, req: Request) -> None:
         """Stops a request now (e.g. its client went away) and frees its pages."""

@@ -102,6 +102,7 @@ class EngineLoop:
         self.cond = threading.Condition()
         self.admission = threading.Lock()
         self.aborts: deque[Request] = deque()
+        self.pending: deque[Request] = deque()  # admitted, handed to the engine at its next turn
         self.stopped = False
         self.thread: threading.Thread | None = None
         self.errors = 0
@@ -121,8 +122,9 @@ class EngineLoop:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        for req in list(self.engine.running) + list(self.engine.waiting):
+        for req in list(self.engine.running) + list(self.engine.waiting) + list(self.pending):
             self.engine.abort(req)
+        self.pending.clear()
 
     def inject_fault(self, error: BaseException) -> None:
         """The fault hook: the engine thread raises `error` at its next turn, outside the
@@ -138,19 +140,14 @@ class EngineLoop:
     def submit_all(self, items: list[tuple[list[int], GenerationOptions, Callable]]) -> list[Request]:
         """Queues every (prompt ids, options, on_event), all or none: APIError 503 if the engine
         thread is dead, 429 (Retry-After) if they would take the queue past `max_queue` while
-        others wait; RequestError if one can never be served. Wakes the loop."""
-        reqs = []
+        others wait; RequestError if one can never be served. Never waits for a step: the
+        requests are handed to the engine between steps."""
+        reqs = [self.engine.new_request(ids, options, on_event) for ids, options, on_event in items]
         with self.admission:
             self.check_admission(len(items))
-            try:
-                for ids, options, on_event in items:
-                    reqs.append(self.engine.add_request(ids, options, on_event))
-            except BaseException:
-                for req in reqs:
-                    self.engine.abort(req)
-                raise
-        with self.cond:
-            self.cond.notify_all()
+            with self.cond:
+                self.pending.extend(reqs)
+                self.cond.notify_all()
         if self.dead:  # died while these were added: the death may not have seen them
             self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
         return reqs
@@ -160,7 +157,7 @@ class EngineLoop:
         queue past `max_queue` while others wait (also a cheap early check before tokenizing)."""
         if self.dead:
             raise _unavailable(self.dead)
-        waiting = len(self.engine.waiting)
+        waiting = len(self.engine.waiting) + len(self.pending)
         if self.max_queue and waiting and waiting + n > self.max_queue:
             raise APIError(429, f"the server is busy: {waiting} requests are queued (limit "
                                 f"{self.max_queue}); retry in {RETRY_AFTER_S} s", type="server_overloaded",
@@ -182,14 +179,18 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self.cond:
-                while not (self.stopped or self.aborts or self.fault or engine.has_work()):
+                while not (self.stopped or self.aborts or self.pending or self.fault or engine.has_work()):
                     self.cond.wait()
                 if self.fault is not None:
                     raise self.fault
                 if self.stopped:
                     return
-                aborts = list(self.aborts)
+                aborts, pending = list(self.aborts), list(self.pending)
                 self.aborts.clear()
+                self.pending.clear()
+            for req in pending:  # before the aborts: an abort may be for one of these
+                if not req.done:
+                    engine.enqueue(req)
             for req in aborts:
                 engine.abort(req)
             if not engine.has_work():
@@ -209,7 +210,9 @@ class EngineLoop:
         engine = self.engine
         locked = engine.lock.acquire(timeout=5)  # released by a step that raised
         try:
-            reqs = list(engine.running) + list(engine.waiting)
+            with self.cond:
+                reqs = list(engine.running) + list(engine.waiting) + list(self.pending)
+                self.pending.clear()
         finally:
             if locked:
                 engine.lock.release()
