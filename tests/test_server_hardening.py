@@ -34,8 +34,7 @@ def make_engine(model, slots=8):
 @pytest.fixture(scope="module")
 def hard(model):
     engine = make_engine(model)
-    app = create_app(engine, MODEL, engine.tokenizer, limits=Limits(max_queue=8, max_choices=16,
-                                                                    max_body_bytes=2**16))
+    app = create_app(engine, MODEL, engine.tokenizer, limits=Limits(max_queue=8, max_choices=16))
     with BackgroundServer(app) as server:
         server.engine, server.app = engine, app
         yield server
@@ -205,16 +204,32 @@ def test_max_queue_8_with_200_simultaneous_requests(hard):
     assert drained(engine)
 
 
-def test_body_limit_and_mid_stream_errors(hard):
-    big = {"model": MODEL, "prompt": "x" * 2**17, "max_tokens": 1}
+def test_body_limit_big_prompts_and_mid_stream_errors(hard):
+    big = {"model": MODEL, "prompt": "x" * Limits().max_body_bytes, "max_tokens": 1}
     assert _error(post(hard, big), 413)["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: counted as it arrives
-        for _ in range(20):
-            yield b" " * 2**13
+        for _ in range(5):
+            yield b" " * 2**20
 
     r = httpx.post(f"{hard.url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
     _error(r, 413)
+    # a 3 MB prompt (~1M tokens, ~2 s to tokenize here) is tokenized off the event loop and
+    # without holding the GIL: /health and other clients are answered meanwhile (with
+    # `tokenizer.encode` this process was held for 2 s); the prompt gets its 400
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(post(hard, greedy("def value(self): " * 180000))))
+    started = time.time()
+    thread.start()
+    answered = [started]  # when each /health answer came (this test shares the server's GIL)
+    while thread.is_alive():
+        assert httpx.get(f"{hard.url}/health", timeout=10).status_code == 200
+        answered.append(time.time())
+        time.sleep(0.05)
+    thread.join()
+    took, gaps = time.time() - started, [b - a for a, b in zip(answered, answered[1:])]
+    assert "context" in _error(answer[0], 400)["message"], answer[0].text[:300]
+    assert took > 1.0 and max(gaps) < 0.5, (took, gaps)
     # an error mid-stream that is not the engine's: an error event, then [DONE]
     routes = hard.app.state.server
 

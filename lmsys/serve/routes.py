@@ -326,6 +326,7 @@ class Routes:
             if not isinstance(p, str) and any(t >= vocab for t in p):
                 raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
             ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            self.engine.scheduler.check_fits(len(ids), max_tokens)  # before any more work on it
             text = p if isinstance(p, str) else self.tokenizer.decode(ids)
             lengths.append(len(ids))
             for seed in self.seeds(body):
