@@ -3,7 +3,7 @@
     lmsys train CONFIG.yaml [key=value ...]
     lmsys eval MODEL --source PATHS | --tasks TASKS [--register]
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
-    lmsys serve RUN_DIR --port 8000 [--api-key KEY]
+    lmsys serve RUN_DIR --port 8000 [--api-key KEY | --api-keys FILE] [--max-queue 256]
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
     lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16]
     lmsys registry register RUN_DIR --name NAME   # then: alias, list, show, delete
@@ -109,15 +109,31 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
+    from lmsys.config import ConfigError
+    from lmsys.serve.api import Limits
+    from lmsys.serve.gate import KeyFileError, KeyRing, load_api_keys
     from lmsys.serve.server import serve
 
+    try:  # before loading the model: a bad key or keys file fails at once
+        if args.api_keys and args.api_key is not None:
+            raise ConfigError("give --api-key (or $LMSYS_API_KEY) or --api-keys, not both")
+        keys = (load_api_keys(args.api_keys) if args.api_keys
+                else KeyRing.single(args.api_key) if args.api_key is not None else None)
+    except KeyFileError as e:
+        raise ConfigError(str(e)) from None
+    given = {"max_queue": args.max_queue, "max_choices": args.max_choices, "request_timeout": args.request_timeout,
+             "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20)}
+    for name, value in given.items():
+        if value is not None and (value < 0 or (value == 0 and name != "request_timeout")):
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
     print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "
-          f"{args.max_slots} slots", flush=True)
+          f"{args.max_slots} slots, queue of {limits.max_queue}", flush=True)
     engine.warmup(progress=not args.no_progress)
-    serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
-          api_key=args.api_key, chat_template=model.chat_template)
-    return 0
+    return serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
+                 chat_template=model.chat_template, keys=keys, limits=limits,
+                 public_metrics=args.public_metrics)
 
 
 def _eval(args) -> int:
@@ -219,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMSYS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LMSYS_API_KEY; none = open)")
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="one key per line: 'NAME KEY [rpm=N] [tpm=N]' (per-key limits per minute)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--max-queue", type=int, default=None, help="requests (prompts x n) waiting for a slot "
+                   "at most, beyond: 429 + Retry-After (default 256)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="request body size at most, beyond: 413 "
+                   "(default 4)")
+    p.add_argument("--max-choices", type=int, default=None, help="prompts x n of one request at most (default 64)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take, arrival "
+                   "to last token, then 408 (default 600; 0 = none)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the run dir's name)")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--batch-invariant", action="store_true",

@@ -1,20 +1,26 @@
-"""The OpenAI API's request bodies and error shape, as the server checks and answers them.
+"""The OpenAI API's request bodies, the server's limits and the error shape.
 
     CompletionBody   POST /v1/completions       (prompt, logprobs, echo + the shared fields)
     ChatBody         POST /v1/chat/completions  (messages of Message / TextPart, logprobs,
                                                  top_logprobs, max_completion_tokens + shared)
     SamplingBody     the shared fields: model, max_tokens, temperature, top_p, top_k, n, stream,
                      stream_options (StreamOptions), stop, seed, ignore_eos
+    Limits           what one request may ask and how many may wait (`lmsys serve` flags)
 
-Bodies are strict ("10" is not an int) and ignore unknown OpenAI fields. Errors are OpenAI's
-JSON `{"error": {"message", "type", "param", "code"}}` (APIError); `validation_message` turns
-pydantic's errors into its one-line message. The routes are in lmsys.serve.routes, the app in
-lmsys.serve.server.
+Bodies are strict ("10" is not an int) and every number is range-checked to what the engine
+holds (top_k and token ids in 32 bits, finite temperatures in OpenAI's [0, 2], seeds in 64
+bits). `check_fields` refuses fields the server does not implement, naming them, except
+IGNORED_FIELDS (accepted and documented as ignored) and NEUTRAL_FIELDS at their no-op value
+(`frequency_penalty: 0`, `best_of: 1`, ...); `check_text` refuses strings that are not valid
+Unicode (lone surrogates such as "\\ud800"). Errors are OpenAI's JSON `{"error": {"message",
+"type", "param", "code"}}` (APIError); `validation_message` turns pydantic's errors into its
+one-line message. The routes are in lmsys.serve.routes, the app in lmsys.serve.server.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,22 +35,100 @@ class APIError(Exception):
     """An error answered as OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
+        # what a client sent may not be valid Unicode: never echo it back unencodable
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class EngineFailure(Exception):
-    """The engine raised while running a request (delivered to the request's queue)."""
+    """The engine failed a request (delivered to the request's queue): 500, or 503 when the
+    engine thread is gone. The message never carries internal exception text."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+    def error(self) -> APIError:
+        return APIError(self.status, str(self), type="server_error",
+                        code="engine_unavailable" if self.status == 503 else "engine_error")
+
+
+# ---------------------------------------------------------------------------------- limits
+
+
+@dataclass
+class Limits:
+    """What the server admits. The defaults keep a 2-core laptop and an 8-GPU node responsive:
+    memory and host work per request are bounded whatever the engine's size (the queue counts
+    engine requests, one per prompt and choice; a full queue is a 429 with Retry-After)."""
+
+    max_queue: int = 256  # engine requests waiting for a slot at most (beyond: 429)
+    max_body_bytes: int = 4 * 2**20  # a request body at most (beyond: 413)
+    max_choices: int = 64  # prompts x n of one request at most
+    max_stop: int = 4  # stop strings per request (OpenAI's limit)
+    max_stop_chars: int = 256  # characters of one stop string
+    max_messages: int = 1024  # chat messages per request
+    request_timeout: float = 600.0  # seconds from arrival to the last token (0 = none); then 408
+
+
+# no-op OpenAI fields: accepted and ignored (documented in the README)
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+# OpenAI features the server does not implement: accepted only at their default (no-op) value
+NEUTRAL_FIELDS = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "best_of": (None, 1), "logit_bias": (None, {}),
+    "suffix": (None, ""), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+}
+
+
+def check_fields(body: BaseModel) -> None:
+    """400 naming the first field the server does not implement (see NEUTRAL_FIELDS)."""
+    for name, value in (body.model_extra or {}).items():
+        if name in IGNORED_FIELDS:
+            continue
+        if name in NEUTRAL_FIELDS:
+            if value is None or any(value == ok and isinstance(value, bool) == isinstance(ok, bool)
+                                    for ok in NEUTRAL_FIELDS[name]):
+                continue
+            raise APIError(400, f"{name}={str(value)[:80]} is not supported by this server (only "
+                                f"{' or '.join(repr(v) for v in NEUTRAL_FIELDS[name] if v is not None)})",
+                           param=name, code="unsupported_parameter")
+        raise APIError(400, f"unknown field {name!r}", param=name, code="unknown_parameter")
+
+
+def check_text(value, path: str) -> None:
+    """400 naming the first string (or key) in `value` that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path}: not valid Unicode (a lone surrogate at character "
+                                f"{e.start}); send UTF-8 text", param=path.split(".")[0].split("[")[0],
+                           code="invalid_value") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, path)
+            check_text(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        if value and not isinstance(value[0], int):
+            for i, v in enumerate(value):
+                check_text(v, f"{path}[{i}]")
 
 
 # ---------------------------------------------------------------------------------- request bodies
+
+
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class StreamOptions(BaseModel):
@@ -55,27 +139,28 @@ class StreamOptions(BaseModel):
 class SamplingBody(BaseModel):
     """The fields both endpoints share: the model, sampling, stops, streaming."""
 
-    # strict: "10" is not an int, 1 is not a str; unknown OpenAI fields (user, penalties...) ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "10" is not an int, 1 is not a str; other fields are kept for check_fields
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # extension; 0 or -1 = off
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, le=INT32_MAX)  # extension; 0 or -1 = off
     n: int = Field(1, ge=1, le=64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
     ignore_eos: bool = False  # extension
 
 
 class CompletionBody(SamplingBody):
-    prompt: str | list[int] | list[str | list[int]]
+    prompt: str | list[TokenId] | list[str | list[TokenId]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 with echo: only the prompt's log-probs (how evaluation tools score text)
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)
 
 
 class TextPart(BaseModel):
@@ -84,10 +169,13 @@ class TextPart(BaseModel):
     text: str
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str
-    content: str | list[TextPart] | None = None
+    role: Literal[ROLES]
+    content: str | list[TextPart] | None = None  # None only for an assistant message
     name: str | None = None
 
 
@@ -95,7 +183,7 @@ class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

@@ -39,6 +39,12 @@ rows asks for prompt log-probs (`echo`; a `lax.cond` inside the one compiled fun
 only the KV cache. The decode step computes the log-softmax and top log-probs over the
 vocabulary only when one of its rows asks for them (`logprobs`).
 
+A request's host-side work after each step (stop strings, detokenizing, its callback) runs
+isolated: if it raises, that request alone ends with finish_reason "error". Options the step
+cannot represent (top_k >= 2^31, a non-finite temperature, ...) are refused by `add_request`
+(RequestError naming the option). `max_tokens=0` prefills the prompt (with `prompt_logprobs`:
+scores it) and ends with "length" without a decode step.
+
 Shapes are padded to the scheduler's buckets, so the compilations are exactly
 `len(prefill_buckets) + len(decode_buckets)`, all done by `warmup()`. In batch-invariant mode
 there is one bucket of each, so every call has one shape whatever runs beside a request, and a
@@ -48,7 +54,9 @@ else is running.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import threading
 import time
@@ -76,6 +84,9 @@ from lmsys.serve.scheduler import (
 )
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 
+log = logging.getLogger(__name__)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class EngineConfig:
@@ -91,6 +102,26 @@ class EngineConfig:
     batch_invariant: bool = False
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
+
+
+def check_options(o: GenerationOptions) -> None:
+    """RequestError naming the option if the engine cannot represent it (the decode step holds
+    top_k, the step index and the seed in 32 bits, temperature and top_p in float32)."""
+    def bad(name, rule, value):
+        raise RequestError(f"{name} must be {rule}, got {value!r}", param=name)
+
+    if not 0 <= o.max_tokens < 2**31:
+        bad("max_tokens", "in [0, 2^31)", o.max_tokens)
+    if not (math.isfinite(o.temperature) and 0 <= o.temperature <= FLOAT32_MAX):
+        bad("temperature", "a finite float32 >= 0", o.temperature)
+    if not 0 <= o.top_k < 2**31:
+        bad("top_k", "in [0, 2^31) (0 = off)", o.top_k)
+    if not (math.isfinite(o.top_p) and 0 < o.top_p <= 1):
+        bad("top_p", "in (0, 1]", o.top_p)
+    if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
+        bad("logprobs", f"in [0, {MAX_TOP_LOGPROBS}]", o.logprobs)
+    if o.prompt_logprobs is not None and not 0 <= o.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        bad("logprobs", f"in [0, {MAX_TOP_LOGPROBS}]", o.prompt_logprobs)
 
 
 class Engine:
@@ -244,24 +275,33 @@ class Engine:
     def add_request(self, prompt_ids: list[int], options: GenerationOptions | None = None,
                     on_event: Callable[[Event], None] | None = None) -> Request:
         """Queues a request; raises RequestError if it can never be served."""
+        req = self.new_request(prompt_ids, options, on_event)
+        self.enqueue(req)
+        return req
+
+    def enqueue(self, req: Request) -> None:
+        """Queues a request made by `new_request` (waits while a step holds the engine)."""
+        with self.lock:
+            self.scheduler.add(req)
+
+    def new_request(self, prompt_ids: list[int], options: GenerationOptions | None = None,
+                    on_event: Callable[[Event], None] | None = None) -> Request:
+        """A checked request, not queued yet (any thread, never waits for a step); raises
+        RequestError if it can never be served."""
         options = options or GenerationOptions()
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
             raise RequestError("the prompt is empty; send at least one token")
         if any(not 0 <= t < self.model.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.model.vocab_size})")
+        check_options(options)
         self.scheduler.check_fits(len(prompt_ids), options.max_tokens)
-        if options.logprobs is not None and not 0 <= options.logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {options.logprobs}")
         stop_ids = set(options.stop_token_ids)
         if self.eos_token_id is not None and not options.ignore_eos:
             stop_ids.add(self.eos_token_id)
-        with self.lock:
-            req = Request(next(self._ids), prompt_ids, options, on_event,
-                          detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                          stops=StopChecker(options.stop, stop_ids))
-            self.scheduler.add(req)
-        return req
+        return Request(next(self._ids), prompt_ids, options, on_event,
+                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       stops=StopChecker(options.stop, stop_ids))
 
     def abort(self, req: Request) -> None:
         """Stops a request now (e.g. its client went away) and frees its pages."""
@@ -287,6 +327,9 @@ class Engine:
             chunks = self.scheduler.plan_prefill()
             if chunks:
                 self._prefill_chunks(chunks)
+            for req in [r for r in self.running if r.options.max_tokens == 0]:
+                if len(req.tokens) - 1 - req.num_computed < 1:  # prompt scored: no new token
+                    self._isolated(req, self._finish_scoring, req)
             ready = self.scheduler.plan_decode()
             if ready:
                 self._decode_batch(ready)
@@ -340,7 +383,7 @@ class Engine:
         for i, r in zip(rows, batch):
             o = r.options
             toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)[:P]
-            temp[i], top_k[i], top_p[i] = o.temperature, o.top_k, o.top_p
+            temp[i], top_k[i], top_p[i] = o.temperature, min(o.top_k, self.model.vocab_size), o.top_p
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
             want_logprobs[i] = o.logprobs is not None
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
@@ -352,10 +395,34 @@ class Engine:
         for i, r in zip(rows, batch):
             r.num_computed += 1
             if r.options.logprobs is None:
-                self._append(r, tokens[i], 0.0, {})
+                self._isolated(r, self._append, r, tokens[i], 0.0, {})
             else:
-                self._append(r, tokens[i], float(out.logprobs_B[i]), dict(zip(
+                self._isolated(r, self._append, r, tokens[i], float(out.logprobs_B[i]), dict(zip(
                     out.top_tokens_BK[i].tolist(), out.top_logprobs_BK[i].tolist())))
+
+    def _isolated(self, req: Request, fn, *args) -> None:
+        """Runs one request's host-side work (its stop strings, detokenizing, its callback); if
+        that raises, only this request fails (finish_reason "error", logged with its id)."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - one request's failure must not fail its neighbours
+            log.exception("request %d failed on the host; dropping it (the others go on)", req.id)
+            self.stats["failed"] += 1
+            req.finish_reason = "error"
+            self.scheduler.abort(req)
+            if req.on_event:
+                with contextlib.suppress(Exception):
+                    req.on_event(Event("", [], [], [], "error"))
+
+    def _finish_scoring(self, req: Request) -> None:
+        """Ends a `max_tokens=0` request once its prompt is scored (no new token)."""
+        if req.options.prompt_logprobs is not None and not req.prompt_token_logprobs:
+            req.prompt_token_logprobs.append(None)  # a one-token prompt: nothing to score
+            req.prompt_top_logprobs.append(None)
+        req.finish_reason = "length"
+        self.scheduler.finish(req)
+        if req.on_event:
+            req.on_event(Event("", [], [], [], "length"))
 
     def _append(self, req: Request, token: int, logprob: float, top: dict[int, float]) -> None:
         """Records a sampled token, applies the stop rules, emits the new text."""
@@ -422,4 +489,8 @@ class Engine:
         return reqs
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # a Hugging Face tokenizer's encode_batch releases the GIL (encode does not: a 3 MB
+        # prompt held every other thread of the server for 2 s), with the same ids
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        return (batch([text], add_special_tokens=False)[0] if batch
+                else self.tokenizer.encode(text, add_special_tokens=False)).ids

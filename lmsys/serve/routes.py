@@ -3,9 +3,12 @@
 A `Routes` object turns a checked request body (lmsys.serve.api) into engine requests, one per
 prompt and choice (`n`), runs them as one `_Run` (their events merged on one asyncio queue) and
 answers with OpenAI's JSON, or server-sent events when `stream` is set. `add_routes` puts the
-endpoints on an app (lmsys.serve.server.create_app). A chat request is rendered with the
-model's chat template (lmsys.data.chat_template); a template that fails on the messages is a
-400. A client that disconnects has its requests aborted.
+endpoints on an app (lmsys.serve.server.create_app). The checks against the server's Limits,
+chat rendering and tokenizing run off the event loop, in the same worker-thread trip that
+queues the requests (a full queue is refused before any of it). A chat request is rendered with
+the model's chat template (lmsys.data.chat_template); a template that fails on the messages is a
+400. A client that disconnects has its requests aborted; a request past the request timeout is
+aborted with a 408. Tokens are counted in the metrics and against the request's API key.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -23,10 +29,20 @@ from fastapi.responses import StreamingResponse
 
 from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, token_text
 from lmsys.data.tokenizer import BOS_CANDIDATES, first_token_id
-from lmsys.serve.api import APIError, ChatBody, CompletionBody, EngineFailure, SamplingBody
+from lmsys.serve.api import (
+    APIError,
+    ChatBody,
+    CompletionBody,
+    EngineFailure,
+    Limits,
+    SamplingBody,
+    check_fields,
+    check_text,
+)
 from lmsys.serve.engine import Engine
 from lmsys.serve.scheduler import Event, GenerationOptions, Request, RequestError
 
+log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5  # how often a running request checks that its client is still there
 
 
@@ -52,36 +68,59 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[_Choice] = []
         self.disconnected = False
+        self.key = http.scope.get("state", {}).get("api_key")  # lmsys.serve.gate's ApiKey or None
+        timeout = server.limits.request_timeout
+        self.deadline = time.monotonic() + timeout if timeout else None
 
-    async def submit(self, items: list[tuple[list[int], str, GenerationOptions]]) -> None:
-        """Queues every (prompt ids, prompt text, options); aborts them all if one cannot fit."""
+    async def submit(self, prepare: Callable[[], tuple[list[tuple[list[int], str, GenerationOptions]], Any]]):
+        """Runs `prepare` (checks, chat rendering, tokenizing) and queues the (prompt ids,
+        prompt text, options) it returns, all or none (429 on a full queue, 503 without an
+        engine, 400 if one can never be served), in one trip off the event loop. Returns what
+        `prepare` returned beside the items."""
         loop = asyncio.get_running_loop()
-        self.choices = [_Choice(i, None, text, time.perf_counter()) for i, (_, text, _) in enumerate(items)]
 
         def add_all():  # off the event loop: add_request waits while a step holds the engine
-            for c, (ids, _, options) in zip(self.choices, items):
-                c.req = self.server.loop.submit(ids, options, self._callback(loop, c))
+            items, extra = prepare()
+            arrival = time.perf_counter()
+            self.choices = [_Choice(i, None, text, arrival) for i, (_, text, _) in enumerate(items)]
+            reqs = self.server.loop.submit_all([(ids, options, self._callback(loop, c))
+                                                for c, (ids, _, options) in zip(self.choices, items)])
+            for c, req in zip(self.choices, reqs):
+                c.req = req
+            return items, extra
 
+        self.server.loop.check_admission()  # a full queue or a dead engine: refused before any work
         try:
-            await asyncio.to_thread(add_all)
+            items, extra = await asyncio.to_thread(add_all)
         except RequestError as e:
             self.abort()
-            raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from e
+            raise APIError(400, str(e), param=e.param, code=e.code) from e
         except BaseException:
             self.abort()
             raise
-        self.server.metrics.prompt_tokens.inc(sum(len(ids) for ids, _, _ in items))
+        self.count_tokens("prompt", sum(len(ids) for ids, _, _ in items))
+        return extra
+
+    def count_tokens(self, kind: str, n: int) -> None:
+        """Counts tokens in the metrics, and against the API key's tokens/min (thread-safe)."""
+        metrics = self.server.metrics
+        (metrics.prompt_tokens if kind == "prompt" else metrics.generated_tokens).inc(n)
+        if self.key is not None:
+            metrics.key_tokens.labels(key=self.key.name, kind=kind).inc(n)
+            self.server.keys.record_tokens(self.key, n)
 
     def _callback(self, loop: asyncio.AbstractEventLoop, c: _Choice):
         metrics = self.server.metrics
 
         def on_event(event):  # on the engine thread
+            if isinstance(event, Event) and event.finish_reason == "error":  # this request alone failed
+                event = EngineFailure("the engine failed while running this request; the server logged the error")
             if isinstance(event, Event):
                 now = time.perf_counter()
                 new = len(event.token_ids) if c.req is None else len(c.req.generated) - c.counted
                 if new > 0:
                     c.counted += new
-                    metrics.generated_tokens.inc(new)
+                    self.count_tokens("completion", new)
                     if c.last_token_time is None:
                         metrics.ttft.observe(now - c.arrival)
                     else:
@@ -103,6 +142,10 @@ class _Run:
             while remaining:
                 if getter is None:
                     getter = asyncio.ensure_future(self.queue.get())
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    timeout = self.server.limits.request_timeout
+                    raise APIError(408, f"the request did not finish within the server's request timeout "
+                                        f"of {timeout:g} s", type="timeout", code="request_timeout")
                 done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
                 if clock() - checked >= DISCONNECT_POLL_S:
                     checked = clock()
@@ -149,9 +192,10 @@ class Routes:
     requests go to the engine through `loop` (the app's EngineLoop: submit, abort) and are
     counted in `metrics` (the app's Metrics)."""
 
-    def __init__(self, engine: Engine, model_name: str, tokenizer, chat_template: str | None, loop, metrics):
+    def __init__(self, engine: Engine, model_name: str, tokenizer, chat_template: str | None, loop, metrics,
+                 limits: Limits | None = None, keys=None):
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
-        self.loop, self.metrics = loop, metrics
+        self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
         self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE,
                                  token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
@@ -179,14 +223,20 @@ class Routes:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def sse(self, gen, include_done: bool = True):
+        """Server-sent events of `gen`'s chunks; any error mid-stream becomes an error event
+        (OpenAI's error JSON, no internal text), and the stream still ends with [DONE]."""
         async def stream():
             try:
                 async for chunk in gen:
                     yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             except EngineFailure as e:
-                yield f"data: {json.dumps(APIError(500, str(e), 'server_error').body())}\n\n"
+                yield f"data: {json.dumps(e.error().body())}\n\n"
             except APIError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
+            except Exception:  # noqa: BLE001 - the client gets an error event, the log the details
+                log.exception("a streamed response failed")
+                error = APIError(500, "internal server error; the server logged it", type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
             if include_done:
                 yield "data: [DONE]\n\n"
 
@@ -217,25 +267,25 @@ class Routes:
                 "top_logprobs": [None if d is None else {self.token_str(k): v for k, v in d.items()} for d in top],
                 "text_offset": offsets}
 
+    def check_sampling(self, body: SamplingBody, choices: int) -> None:
+        """The limits every request shares (api.Limits): fields, stop strings, prompts x n."""
+        check_fields(body)
+        limits = self.limits
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if len(stop) > limits.max_stop:
+            raise APIError(400, f"stop: at most {limits.max_stop} stop strings, got {len(stop)}", param="stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise APIError(400, f"stop: a stop string has at most {limits.max_stop_chars} characters",
+                           param="stop")
+        check_text(stop, "stop")
+        if choices * body.n > limits.max_choices:
+            raise APIError(400, f"{choices} prompt(s) x n={body.n} = {choices * body.n} choices; this server "
+                                f"answers at most {limits.max_choices} per request", param="n")
+
     async def completions(self, body: CompletionBody, http: HTTPRequest):
         self.check_model(body.model)
-        prompts = body.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise APIError(400, "prompt is empty; send a string, a list of token ids or a list of those",
-                           param="prompt")
-        items, lengths = [], []
-        for p in prompts:
-            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
-            text = p if isinstance(p, str) else self.tokenizer.decode(ids)
-            lengths.append(len(ids))
-            for seed in self.seeds(body):
-                items.append((ids, text, self.options(
-                    body, body.max_tokens or 16, seed, logprobs=body.logprobs,
-                    prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)))
         run = _Run(self, http)
-        await run.submit(items)
+        lengths = await run.submit(lambda: self._completion_items(body))
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         with_logprobs = body.logprobs is not None
@@ -253,6 +303,36 @@ class Routes:
                                               r.token_logprobs, r.top_logprobs, 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
         return {**head, "choices": choices, "usage": run.usage(lengths)}
+
+    def _completion_items(self, body: CompletionBody):
+        """Checks and tokenizes a completions body (off the event loop): the engine requests
+        (prompt ids, prompt text, options), one per choice, and the prompts' lengths."""
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise APIError(400, "prompt is empty; send a string, a list of token ids or a list of those",
+                           param="prompt")
+        self.check_sampling(body, len(prompts))
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is for scoring a prompt with "
+                                "echo: true (and logprobs)", param="max_tokens")
+        check_text(prompts, "prompt")
+        vocab = self.engine.model.vocab_size
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        items, lengths = [], []
+        for p in prompts:
+            if not isinstance(p, str) and any(t >= vocab for t in p):
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            self.engine.scheduler.check_fits(len(ids), max_tokens)  # before any more work on it
+            text = p if isinstance(p, str) else self.tokenizer.decode(ids)
+            lengths.append(len(ids))
+            for seed in self.seeds(body):
+                items.append((ids, text, self.options(body, max_tokens, seed, logprobs=body.logprobs,
+                                                      prompt_logprobs=prompt_logprobs)))
+        return items, lengths
 
     async def _stream_completions(self, run: _Run, head: dict, echo: bool, with_logprobs: bool,
                                   include_usage: bool, lengths: list[int]):
@@ -289,27 +369,8 @@ class Routes:
 
     async def chat_completions(self, body: ChatBody, http: HTTPRequest):
         self.check_model(body.model)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(part.text for part in content)
-            messages.append({**(m.model_extra or {}), "role": m.role, "content": content or "",
-                             **({"name": m.name} if m.name else {})})
-        try:
-            prompt = self.chat.render(messages)
-        except ChatTemplateError as e:
-            raise APIError(400, e.message, param="messages") from e
-        ids = self.engine.encode(prompt)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:  # as much as the context leaves
-            max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs)) for seed in self.seeds(body)]
         run = _Run(self, http)
-        await run.submit(items)
+        ids = await run.submit(lambda: self._chat_items(body))
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
         if body.stream:
@@ -325,6 +386,38 @@ class Routes:
             choices.append({"index": c.index, "message": {"role": "assistant", "content": r.text},
                             "logprobs": lp, "finish_reason": r.finish_reason})
         return {**head, "choices": choices, "usage": run.usage([len(ids)])}
+
+    def _chat_items(self, body: ChatBody):
+        """Checks, renders and tokenizes a chat body (off the event loop): the engine requests,
+        one per choice, and the prompt's ids."""
+        self.check_sampling(body, 1)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if len(body.messages) > self.limits.max_messages:
+            raise APIError(400, f"messages: at most {self.limits.max_messages} messages, got "
+                                f"{len(body.messages)}", param="messages")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if content is None and m.role != "assistant":
+                raise APIError(400, f"messages[{i}].content is required for a {m.role} message",
+                               param="messages")
+            if isinstance(content, list):
+                content = "".join(part.text for part in content)
+            messages.append({**(m.model_extra or {}), "role": m.role, "content": content or "",
+                             **({"name": m.name} if m.name else {})})
+        check_text(messages, "messages")
+        try:
+            prompt = self.chat.render(messages)
+        except ChatTemplateError as e:
+            raise APIError(400, e.message, param="messages") from e
+        ids = self.engine.encode(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as much as the context leaves
+            max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs)) for seed in self.seeds(body)]
+        return items, ids
 
     async def _stream_chat(self, run: _Run, head: dict, with_logprobs: bool, include_usage: bool,
                            lengths: list[int]):

@@ -60,12 +60,17 @@ MAX_TOP_LOGPROBS = 5  # OpenAI's limit for `logprobs` on completions
 
 
 class RequestError(ValueError):
-    """A request the engine can never serve (too long for the context or the page pool)."""
+    """A request the engine can never serve (too long for the context or the page pool, or
+    options it cannot represent); `param` names the field at fault, `code` is OpenAI's code."""
+
+    def __init__(self, message: str, param: str = "prompt", code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass
 class GenerationOptions:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: no new token, only the prompt's log-probs (OpenAI `echo`)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -85,7 +90,9 @@ class Event:
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[dict[int, float]]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" when finished
+    # "stop" | "length" | "abort" when finished; "error" when this request alone failed on the
+    # host (its stop strings, detokenizing or callback raised): it is dropped, the others go on
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -207,7 +214,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_chunks": 0,
                       "max_prefill_rows": 0, "max_decode_batch": 0, "preemptions": 0,
-                      "generated_tokens": 0, "finished": 0}
+                      "generated_tokens": 0, "finished": 0, "failed": 0,
+                      "max_waiting": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -219,18 +227,19 @@ class Scheduler:
             raise RequestError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds the context of {self.max_seq_len} tokens; shorten the prompt or "
-                f"lower max_tokens")
+                f"lower max_tokens", code="context_length_exceeded")
         if math.ceil(total / self.page_size) > self.pool.pages_per_shard:
             per_shard = "" if self.num_shards == 1 else (
                 f" per data shard ({self.pool.num_pages} over {self.num_shards} shards)")
             raise RequestError(
                 f"the request needs {math.ceil(total / self.page_size)} KV pages but the pool "
                 f"has {self.pool.pages_per_shard}{per_shard}; lower max_tokens or give the server "
-                f"more pages")
+                f"more pages", code="context_length_exceeded")
 
     def add(self, req: Request) -> None:
         """Queues a request (checked with `check_fits`)."""
         self.waiting.append(req)
+        self.stats["max_waiting"] = max(self.stats["max_waiting"], len(self.waiting))
 
     def abort(self, req: Request) -> None:
         """Drops a request from the queue or its slot now and frees its pages."""

@@ -8,49 +8,55 @@
     GET  /v1/models                 the served model (`id` = its name)
     POST /v1/completions            prompt: str | [token ids] | a list of those (a batch)
     POST /v1/chat/completions       messages, rendered with the model's chat template
-    GET  /health                    200 {"status": "ok"}
+    GET  /health                    200 {"status": "ok"}; 503 once the engine thread is gone
     GET  /metrics                   Prometheus text (own CollectorRegistry per app):
         lmsys_requests_total{endpoint,status}, lmsys_prompt_tokens_total,
         lmsys_generated_tokens_total, lmsys_engine_errors_total, lmsys_requests_waiting (queue
         depth), lmsys_requests_running, lmsys_kv_pages_used, lmsys_kv_pages_total,
-        lmsys_time_to_first_token_seconds and lmsys_inter_token_latency_seconds (histograms)
+        lmsys_time_to_first_token_seconds and lmsys_inter_token_latency_seconds (histograms),
+        lmsys_key_requests_total{key,status} and lmsys_key_tokens_total{key,kind} (by key name)
 
 Sampling: `max_tokens`, `temperature` (0 = greedy), `top_p`, `top_k` (extension), `seed`,
 `stop` (str or list), `n` (choice i samples with seed + i), `ignore_eos` (extension).
 Completions: `logprobs` (0..5 alternatives per token), `echo` (with `logprobs`: the prompt's
-log-probs too, the first null). Chat: `logprobs: true` + `top_logprobs` (0..5). `stream: true`
-sends server-sent events in OpenAI's chunk format ending with `data: [DONE]`;
-`stream_options: {"include_usage": true}` adds a last chunk with the usage.
+log-probs too, the first null; with `max_tokens: 0`, only those). Chat: `logprobs: true` +
+`top_logprobs` (0..5). `stream: true` sends server-sent events in OpenAI's chunk format ending
+with `data: [DONE]` (after an error event if the stream fails); `stream_options:
+{"include_usage": true}` adds a last chunk with the usage.
 
-Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: 400 for malformed
-JSON, wrong types, out-of-range values and prompts that do not fit the context; 401 for a
-missing or wrong API key (when one is set); 404 for an unknown model; 500 if the engine fails
-while running a request (the requests running in that step fail; queued ones and the server
-carry on).
+Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}` and never carry
+internal exception text (the log does): 400 naming the field (lmsys.serve.api), 401 without a
+valid key, 404 for an unknown model, 408 past the request timeout, 413 for a body over the
+limit, 429 + Retry-After for a full queue or a key over its limits (lmsys.serve.gate), 500 when
+the engine fails a request (the requests of a failed step; a request failing on the host alone),
+503 once the engine thread is gone.
 
 ## Where things are
 
-The request bodies and the error JSON are in lmsys.serve.api, the /v1 endpoints' handling in
-lmsys.serve.routes; this module is the app: the engine thread, the API-key gate, the metrics,
-/health and /metrics, and running it (`serve`, `BackgroundServer`). The chat template given to
-`create_app` (for `lmsys serve`: lmsys.data.chat_template.load_chat_template beside the model's
-tokenizer.json) is rendered as Hugging Face does; without one, DEFAULT_CHAT_TEMPLATE.
+The request bodies, limits and the error JSON are in lmsys.serve.api, the /v1 endpoints'
+handling in lmsys.serve.routes, keys, rate limits and the body limit in lmsys.serve.gate; this
+module is the app: the supervised engine thread, the metrics, /health and /metrics, and running
+it (`serve`, `run_app`, `BackgroundServer`). The chat template given to `create_app` (for
+`lmsys serve`: lmsys.data.chat_template.load_chat_template beside the model's tokenizer.json)
+is rendered as Hugging Face does; without one, DEFAULT_CHAT_TEMPLATE.
 
 ## Threads
 
 The engine is stepped by one `EngineLoop` thread (started and stopped with the app's
 lifespan): it runs `engine.step()` while there is work and sleeps on a condition otherwise.
-Events go to each HTTP request's asyncio queue via `loop.call_soon_threadsafe`. A client that
-disconnects has its requests aborted (its pages return to the pool on the next loop turn).
+Checks, chat rendering, tokenizing and queueing run in a worker thread (`asyncio.to_thread`),
+never on the event loop. Events go to each HTTP request's asyncio queue via
+`loop.call_soon_threadsafe`. A client that disconnects has its requests aborted (its pages
+return to the pool on the next loop turn). If the engine thread dies, every queued and running
+request gets a 503 at once, new ones too, and `run_app` / `serve` stop the server: exit status 1.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
+import logging
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 
@@ -68,28 +74,42 @@ from prometheus_client import (
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmsys.serve.api import APIError, EngineFailure, validation_message
+from lmsys.serve.api import APIError, EngineFailure, Limits, validation_message
 from lmsys.serve.engine import Engine
+from lmsys.serve.gate import Gate, KeyRing
 from lmsys.serve.routes import Routes, add_routes
 from lmsys.serve.scheduler import GenerationOptions, Request
 
-SERVED_PATHS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # the Retry-After of a full queue
 
 
 # ---------------------------------------------------------------------------------- the engine thread
 
 
 class EngineLoop:
-    """Steps the engine on one thread while it has work; sleeps on a condition otherwise."""
+    """Steps the engine on one thread while it has work; sleeps on a condition otherwise.
 
-    def __init__(self, engine: Engine, on_step_error: Callable[[BaseException], None] | None = None):
+    Supervised: a failed step fails the requests it was running and the loop goes on; if the
+    loop itself dies (its failure path raised, or a BaseException), `dead` says why, every
+    queued and running request gets a 503 at once, `submit` answers 503 from then on, and
+    `on_death` is called (`serve` then shuts the server down and exits non-zero).
+    """
+
+    def __init__(self, engine: Engine, on_step_error: Callable[[BaseException], None] | None = None,
+                 max_queue: int = 0, on_death: Callable[[BaseException], None] | None = None):
         self.engine = engine
         self.cond = threading.Condition()
+        self.admission = threading.Lock()
         self.aborts: deque[Request] = deque()
+        self.pending: deque[Request] = deque()  # admitted, handed to the engine at its next turn
         self.stopped = False
         self.thread: threading.Thread | None = None
         self.errors = 0
-        self.on_step_error = on_step_error
+        self.on_step_error, self.on_death = on_step_error, on_death
+        self.max_queue = max_queue  # engine requests waiting for a slot at most (0 = no limit)
+        self.dead: str | None = None
+        self.fault: BaseException | None = None
 
     def start(self) -> None:
         self.stopped = False
@@ -102,15 +122,46 @@ class EngineLoop:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        for req in list(self.engine.running) + list(self.engine.waiting):
+        for req in list(self.engine.running) + list(self.engine.waiting) + list(self.pending):
             self.engine.abort(req)
+        self.pending.clear()
+
+    def inject_fault(self, error: BaseException) -> None:
+        """The fault hook: the engine thread raises `error` at its next turn, outside the
+        per-step handling (as if its failure path had raised): it dies, supervised."""
+        with self.cond:
+            self.fault = error
+            self.cond.notify_all()
 
     def submit(self, prompt_ids: list[int], options: GenerationOptions, on_event: Callable) -> Request:
-        """Queues a request (raises RequestError if it can never be served); wakes the loop."""
-        req = self.engine.add_request(prompt_ids, options, on_event)
-        with self.cond:
-            self.cond.notify_all()
-        return req
+        """Queues one request; see `submit_all`."""
+        return self.submit_all([(prompt_ids, options, on_event)])[0]
+
+    def submit_all(self, items: list[tuple[list[int], GenerationOptions, Callable]]) -> list[Request]:
+        """Queues every (prompt ids, options, on_event), all or none: APIError 503 if the engine
+        thread is dead, 429 (Retry-After) if they would take the queue past `max_queue` while
+        others wait; RequestError if one can never be served. Never waits for a step: the
+        requests are handed to the engine between steps."""
+        reqs = [self.engine.new_request(ids, options, on_event) for ids, options, on_event in items]
+        with self.admission:
+            self.check_admission(len(items))
+            with self.cond:
+                self.pending.extend(reqs)
+                self.cond.notify_all()
+        if self.dead:  # died while these were added: the death may not have seen them
+            self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
+        return reqs
+
+    def check_admission(self, n: int = 1) -> None:
+        """APIError 503 if the engine thread is dead, 429 if `n` more requests would take the
+        queue past `max_queue` while others wait (also a cheap early check before tokenizing)."""
+        if self.dead:
+            raise _unavailable(self.dead)
+        waiting = len(self.engine.waiting) + len(self.pending)
+        if self.max_queue and waiting and waiting + n > self.max_queue:
+            raise APIError(429, f"the server is busy: {waiting} requests are queued (limit "
+                                f"{self.max_queue}); retry in {RETRY_AFTER_S} s", type="server_overloaded",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def abort(self, req: Request) -> None:
         """Aborts on the engine thread, between steps (never blocks the caller on a step)."""
@@ -119,15 +170,27 @@ class EngineLoop:
             self.cond.notify_all()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - supervised: the loop died; say so and fail everything
+            self._die(e)
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self.cond:
-                while not self.stopped and not self.aborts and not engine.has_work():
+                while not (self.stopped or self.aborts or self.pending or self.fault or engine.has_work()):
                     self.cond.wait()
+                if self.fault is not None:
+                    raise self.fault
                 if self.stopped:
                     return
-                aborts = list(self.aborts)
+                aborts, pending = list(self.aborts), list(self.pending)
                 self.aborts.clear()
+                self.pending.clear()
+            for req in pending:  # before the aborts: an abort may be for one of these
+                if not req.done:
+                    engine.enqueue(req)
             for req in aborts:
                 engine.abort(req)
             if not engine.has_work():
@@ -136,24 +199,52 @@ class EngineLoop:
                 engine.step()
             except Exception as e:  # noqa: BLE001 - the server outlives a failed step
                 self.errors += 1
-                traceback.print_exc()
+                log.exception("an engine step failed; failing the requests it was running")
                 self._fail_running(e)
+
+    def _die(self, error: BaseException) -> None:
+        with self.cond:
+            self.dead = f"{type(error).__name__}"
+        log.critical("the engine thread died (%s); every request now gets 503", type(error).__name__,
+                     exc_info=error)
+        engine = self.engine
+        locked = engine.lock.acquire(timeout=5)  # released by a step that raised
+        try:
+            with self.cond:
+                reqs = list(engine.running) + list(engine.waiting) + list(self.pending)
+                self.pending.clear()
+        finally:
+            if locked:
+                engine.lock.release()
+        self._fail(reqs, EngineFailure(_unavailable(self.dead).message, 503))
+        if self.on_death:
+            with contextlib.suppress(Exception):
+                self.on_death(error)
+
+    def _fail(self, reqs: list[Request], failure: EngineFailure) -> None:
+        for req in reqs:
+            with contextlib.suppress(Exception):
+                self.engine.abort(req)
+            if req.on_event:
+                with contextlib.suppress(Exception):
+                    req.on_event(failure)
 
     def _fail_running(self, error: Exception) -> None:
         """Fails the requests the failed step was running and makes the engine usable again."""
         engine = self.engine
-        for req in list(engine.running):
-            engine.abort(req)
-            if req.on_event:
-                with contextlib.suppress(Exception):
-                    req.on_event(EngineFailure(f"the engine failed while running this request: "
-                                               f"{type(error).__name__}: {error}"))
+        self._fail(list(engine.running), EngineFailure(
+            "the engine failed while running this request; the server logged the error"))
         # a jitted step that fails after donating the KV cache leaves it deleted: rebuild it
         # (empty: every request that had pages in it was just aborted)
         if any(a.is_deleted() for a in engine.kv):
             engine.reset_cache()
         if self.on_step_error:
             self.on_step_error(error)
+
+
+def _unavailable(reason: str) -> APIError:
+    return APIError(503, f"the engine is not running ({reason}); the server is shutting down or "
+                         f"must be restarted", type="server_error", code="engine_unavailable")
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -176,59 +267,42 @@ class Metrics:
             lambda: engine.pool.num_pages)
         self.ttft = Histogram("lmsys_time_to_first_token_seconds", "Arrival to first generated token",
                               registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.key_requests = Counter("lmsys_key_requests", "HTTP requests by API key name and status",
+                                    ["key", "status"], registry=r)
+        self.key_tokens = Counter("lmsys_key_tokens", "Tokens by API key name: prompt or completion",
+                                  ["key", "kind"], registry=r)
         self.itl = Histogram("lmsys_inter_token_latency_seconds", "Time between generated tokens",
                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-
-
-class _Gate:
-    """ASGI middleware, outermost: checks the API key of /v1 requests (before the body is
-    read), and counts every HTTP request by endpoint and response status."""
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
-
-    def authorized(self, scope) -> bool:
-        if self.api_key is None:
-            return True
-        header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if scope["path"].startswith("/v1") and not self.authorized(scope):
-                response = APIError(401, "missing or wrong API key: send the header "
-                                         "'Authorization: Bearer <key>'", code="invalid_api_key").response()
-                return await response(scope, receive, send_status)
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"].rstrip("/") or "/"
-            if path.startswith("/v1/models"):
-                path = "/v1/models"
-            endpoint = path if path in SERVED_PATHS else "other"
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
 
 
 # ---------------------------------------------------------------------------------- the app
 
 
 def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None = None,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, *, keys: KeyRing | None = None,
+               limits: Limits | None = None, public_metrics: bool = False,
+               on_engine_death: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its lifespan starts and stops the engine thread.
+    `api_key` (one key) or `keys` (lmsys.serve.gate.load_api_keys) gate every path but /health
+    (/metrics too unless `public_metrics`); `limits` bound what is admitted (api.Limits);
+    `on_engine_death` is called if the engine thread dies (requests get 503 from then on).
     `app.state.server` is the Routes (lmsys.serve.routes), `app.state.server.loop` the
     EngineLoop, `app.state.server.metrics.registry` the metrics."""
+    limits = limits or Limits()
+    if api_key is not None:
+        if keys is not None:
+            raise ValueError("give api_key or keys, not both")
+        keys = KeyRing.single(api_key)
     counters = Metrics(engine)
-    loop = EngineLoop(engine, on_step_error=lambda e: counters.engine_errors.inc())
-    server = Routes(engine, model_name, tokenizer, chat_template, loop, counters)
+
+    def died(error: BaseException) -> None:
+        counters.engine_errors.inc()
+        if on_engine_death:
+            on_engine_death(error)
+
+    loop = EngineLoop(engine, on_step_error=lambda e: counters.engine_errors.inc(),
+                      max_queue=limits.max_queue, on_death=died)
+    server = Routes(engine, model_name, tokenizer, chat_template, loop, counters, limits=limits, keys=keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -240,7 +314,8 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
     app = FastAPI(title="lmsys", description="OpenAI-compatible API over the lmsys engine", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(_Gate, api_key=api_key, metrics=counters)
+    app.add_middleware(Gate, keys=keys, metrics=counters, max_body_bytes=limits.max_body_bytes,
+                       public_metrics=public_metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -263,19 +338,19 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
     @app.exception_handler(EngineFailure)
     async def _engine_error(_, e: EngineFailure):
-        return APIError(500, str(e), type="server_error").response()
+        return e.error().response()
 
     @app.exception_handler(Exception)
     async def _any_error(_, e: Exception):
-        traceback.print_exception(e)
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+        log.error("internal error answering a request", exc_info=e)
+        return APIError(500, "internal server error; the server logged it", type="server_error").response()
 
     add_routes(app, server)
 
     @app.get("/health")
     async def health():
-        if server.loop.thread is None or not server.loop.thread.is_alive():
-            raise APIError(503, "the engine thread is not running", type="server_error")
+        if server.loop.dead or server.loop.thread is None or not server.loop.thread.is_alive():
+            raise _unavailable(server.loop.dead or "stopped")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -287,12 +362,37 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
 
 
 def serve(engine: Engine, model_name: str, tokenizer, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, chat_template: str | None = None, log_level: str = "info") -> None:
-    """Serves until interrupted (Ctrl-C)."""
+          api_key: str | None = None, chat_template: str | None = None, log_level: str = "info",
+          **app_options) -> int:
+    """Serves until interrupted (Ctrl-C); the exit status of `run_app`. `app_options`:
+    create_app's keys, limits, public_metrics."""
+    app = create_app(engine, model_name, tokenizer, api_key=api_key, chat_template=chat_template, **app_options)
+    return run_app(app, host, port, log_level)
+
+
+def run_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+            sockets=None) -> int:
+    """Runs `app` (from create_app) with uvicorn until interrupted: 0. If the engine thread
+    dies, the app answers 503, the responses in flight finish and the server stops: 1, for a
+    supervisor (systemd, Kubernetes) to restart it."""
     import uvicorn
 
-    app = create_app(engine, model_name, tokenizer, api_key=api_key, chat_template=chat_template)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5))
+    loop = app.state.server.loop
+    on_death = loop.on_death
+
+    def died(error: BaseException) -> None:
+        if on_death:
+            on_death(error)
+        server.should_exit = True
+
+    loop.on_death = died
+    server.run(sockets=sockets)
+    if loop.dead:
+        log.critical("the engine thread died (%s): exiting with status 1", loop.dead)
+        return 1
+    return 0
 
 
 class BackgroundServer:
@@ -332,4 +432,4 @@ class BackgroundServer:
         self.stop()
 
 
-__all__ = ["BackgroundServer", "EngineLoop", "create_app", "serve"]
+__all__ = ["BackgroundServer", "EngineLoop", "create_app", "run_app", "serve"]
