@@ -68,8 +68,11 @@ def _write_tasks(directory: Path) -> list[str]:
 
 
 def _records(run_dir: Path, key: str) -> list[dict]:
+    """The metrics.jsonl lines holding `key`, each with only the step and the eval_* values (a
+    line also holds the step's training metrics, whose tokens/s is a timing)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
+    return [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+            for r in map(json.loads, lines) if key in r]
 
 
 def _per_request(samples: dict) -> dict[str, list[float]]:

@@ -174,16 +174,13 @@ def make_evaluator(cfg: Config, trainer: Trainer, dataset):
     return HeldoutEval(cfg, trainer, dataset.tokenizer)
 
 
-def _evaluate(evaluator, cfg: Config, state, step: int, sinks) -> dict | None:
+def _evaluate(evaluator, cfg: Config, state, step: int) -> tuple[dict | None, float]:
     """At every eval.every steps and at the last step (whatever piece of the run this is, so a
-    resumed run keeps the schedule): the held-out metrics, written to `sinks`."""
+    resumed run keeps the schedule): the held-out metrics, and the seconds they took."""
     if evaluator is None or (step % cfg.eval.every and step != cfg.steps):
-        return None
-    record = evaluator.evaluate(state["params"], step)
-    for sink in sinks:
-        if sink:
-            sink.write(record)
-    return record
+        return None, 0.0
+    begin = time.perf_counter()
+    return evaluator.evaluate(state["params"], step), time.perf_counter() - begin
 
 
 def _with_tokenizer(cfg: Config, spec: str) -> Config:
@@ -276,6 +273,7 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                 stopping = signals.received is not None
                 if jax.process_count() > 1:  # all processes stop after the same step, together
                     stopping = bool(np.any(multihost_utils.process_allgather(np.asarray(stopping))))
+                record = None
                 if step % cfg.log_every == 0 or step == last or stopping:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     now = time.perf_counter()
@@ -285,27 +283,28 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                               "learning_rate": m["learning_rate"], "tokens_per_second": tps,
                               "mfu": mfu(tps, flops_per_token, mesh.size, peak),
                               "nonfinite_streak": int(m["nonfinite_streak"])}
-                    history.append(record)
-                    if writer:
-                        writer.write(record)
-                    if tracker:
-                        tracker.write(record)
                     if bar:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
-                    if m["nonfinite_streak"] >= cfg.max_nonfinite_steps:
-                        good = ckpt.latest_step()
-                        where = (f"the last good checkpoint is {ckpt.directory / str(good)}" if good is not None
-                                 else "there is no checkpoint yet")
-                        raise TrainingError(
-                            f"loss or gradients were not finite for {int(m['nonfinite_streak'])} steps in "
-                            f"a row (to step {step}; those updates were skipped); {where}; lower "
-                            f"optimizer.lr, raise optimizer.warmup_steps or check the data")
-                evaluated = _evaluate(evaluator, cfg, state, step, (writer, tracker))
+                evaluated, eval_seconds = _evaluate(evaluator, cfg, state, step)
+                t_last += eval_seconds  # the next tokens/s counts training time only
                 if evaluated:
-                    history.append(evaluated)
+                    record = {**(record or {"step": step}), **evaluated}  # one line per step
                     if bar:
                         bar.write(f"step {step}: eval_loss {evaluated['eval_loss']:.4f}, "
                                   f"eval_bits_per_byte {evaluated['eval_bits_per_byte']:.4f}")
+                if record:
+                    history.append(record)
+                    for sink in (writer, tracker):
+                        if sink:
+                            sink.write(record)
+                if record and record.get("nonfinite_streak", 0) >= cfg.max_nonfinite_steps:
+                    good = ckpt.latest_step()
+                    where = (f"the last good checkpoint is {ckpt.directory / str(good)}" if good is not None
+                             else "there is no checkpoint yet")
+                    raise TrainingError(
+                        f"loss or gradients were not finite for {record['nonfinite_streak']} steps in "
+                        f"a row (to step {step}; those updates were skipped); {where}; lower "
+                        f"optimizer.lr, raise optimizer.warmup_steps or check the data")
                 if bar:
                     bar.update(1)
                 periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
