@@ -35,7 +35,10 @@ def _train(args) -> int:
         print(f"step {last['step']}: loss {last['loss']:.4f}{held}; run dir {cfg.run_dir}")
     else:
         print(f"nothing to do: {cfg.run_dir} is already at step {cfg.steps}")
-    if cfg.eval.sample:
+    from lmsys.checkpoint import is_url
+
+    # one process only: a sample on process 0 alone would keep the others waiting at shutdown
+    if cfg.eval.sample and jax.process_count() == 1 and not is_url(cfg.run_dir):
         from lmsys.eval.runner import greedy_sample
 
         print(f"greedy sample: {cfg.eval.sample}{greedy_sample(cfg.run_dir, cfg.eval.sample)}", flush=True)

@@ -243,3 +243,34 @@ def _tail_bytes(rows, docs, tok) -> int:
     stream_len = sum(len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in docs)
     covered = rows.num_rows * rows.seq_len + 1
     return int(rows._bytes[covered:stream_len].sum()) if stream_len > covered else 0
+
+
+def test_a_last_partial_eval_batch_counts_only_real_rows(run):
+    """Fewer held-out rows than eval.batches x batch_size: the last batch is filled with rows
+    whose loss mask is 0, so the metrics are those of the real rows, by hand from the model."""
+    import jax
+
+    from lmsys.checkpoint import load_run, open_model
+    from lmsys.config import from_dict, to_dict
+    from lmsys.eval.heldout import HeldoutEval, eval_metrics
+    from lmsys.models import llama
+    from lmsys.parallel import Rules, build_mesh
+    from lmsys.train.step import Trainer, loss_sums
+
+    saved, params, _ = load_run(run["run"])
+    tree = to_dict(saved)
+    tree.update(batch_size=16, eval={**tree["eval"], "batches": 4})
+    cfg = from_dict(tree)
+    trainer = Trainer(cfg, Rules(build_mesh(cfg.mesh)))
+    evaluator = HeldoutEval(cfg, trainer, open_model(run["run"]).tokenizer())
+    n = evaluator.rows.num_rows
+    assert n % 16 and evaluator.batches == -(-n // 16)  # a partial last batch
+    rows = [evaluator.rows.row(i) for i in range(n)]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    logits, _ = llama.forward(jax.device_get(params), batch["tokens"], batch["positions"],
+                              batch["segment_ids"], cfg=cfg.model)
+    nll, tokens = (float(x) for x in loss_sums(logits, batch["targets"], batch["loss_mask"]))
+    want = eval_metrics(nll, tokens, evaluator.rows.target_bytes(0, n))
+    got = evaluator.evaluate(jax.device_put(params, trainer.param_shardings), 30)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key

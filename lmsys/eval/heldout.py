@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmsys.config import Config, ConfigError
 
@@ -48,12 +49,12 @@ class HeldoutEval:
             self.rows = eval_rows(eval_documents(cfg), tokenizer, cfg.seq_len, cfg.eval.batches * B)
         except ValueError as e:
             raise ConfigError(f"{where}: {e}; hold out more documents or use a shorter seq_len") from None
-        self.batches = self.rows.num_rows // B
-        if self.batches < 1:
-            raise ConfigError(f"{where}: the evaluation documents fill {self.rows.num_rows} rows of "
-                              f"seq_len {cfg.seq_len}, fewer than one batch of batch_size {B}; hold out "
-                              f"more documents (a larger eval.holdout) or set eval.source")
-        self.n_bytes = self.rows.target_bytes(0, self.batches * B)
+        if self.rows.num_rows < 1:
+            raise ConfigError(f"{where}: no evaluation documents; hold out more documents (a larger "
+                              f"eval.holdout) or set eval.source")
+        # a last partial batch is filled with rows whose loss mask is 0 (they count for nothing)
+        self.batches = -(-self.rows.num_rows // B)
+        self.n_bytes = self.rows.target_bytes(0, self.rows.num_rows)
         batch = trainer.abstract_batch()
         params = trainer.abstract_state["params"]
         self._sums = jax.jit(self._loss_sums, in_shardings=(trainer.param_shardings, trainer.batch_sharding),
@@ -68,8 +69,11 @@ class HeldoutEval:
         from lmsys.train.loop import global_batch
 
         B, total = self.cfg.batch_size, jnp.zeros(2, jnp.float32)
+        local_B = B // jax.process_count()
         for i in range(self.batches):
             local = self.rows.batch(i * B, B, jax.process_index(), jax.process_count())
+            first = i * B + jax.process_index() * local_B  # this process's first row
+            local["loss_mask"][first + np.arange(local_B) >= self.rows.num_rows] = 0
             total = total + self._sums(params, global_batch(local, self.trainer.batch_sharding, B))
         nll, tokens = (float(x) for x in jax.device_get(total))
         return {"step": step, **eval_metrics(nll, tokens, self.n_bytes)}
