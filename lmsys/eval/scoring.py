@@ -97,9 +97,13 @@ class TextMetrics:
 
 
 def metrics_from_sums(nll: float, tokens: int, n_bytes: int, documents: int = 0) -> TextMetrics:
-    return TextMetrics(loss=nll / max(tokens, 1), perplexity=math.exp(nll / max(tokens, 1)),
-                       bits_per_byte=nll / math.log(2) / max(n_bytes, 1), tokens=tokens,
-                       bytes=n_bytes, documents=documents)
+    """The in-loop eval's formulas (lmsys.eval.heldout.eval_metrics) over these sums."""
+    from lmsys.eval.heldout import eval_metrics
+
+    m = eval_metrics(nll, tokens, n_bytes)
+    return TextMetrics(loss=m["eval_loss"], perplexity=m["eval_perplexity"],
+                       bits_per_byte=m["eval_bits_per_byte"], tokens=tokens, bytes=n_bytes,
+                       documents=documents)
 
 
 def text_metrics(scorer: Scorer, documents: list[str], prefix_id: int) -> TextMetrics:
