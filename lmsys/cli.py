@@ -45,7 +45,7 @@ def _train(args) -> int:
     return 0
 
 
-def _engine(args, max_slots: int, batch_invariant: bool = False):
+def _engine(args, max_slots: int, batch_invariant: bool = False, fine_prefill_widths: bool = False):
     """A run directory's model in an engine configured by the shared serving flags."""
     from lmsys.config import ConfigError
     from lmsys.serve.engine import Engine, EngineConfig
@@ -59,7 +59,8 @@ def _engine(args, max_slots: int, batch_invariant: bool = False):
     config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                           prefill_tokens=args.prefill_tokens,
-                          batch_invariant=batch_invariant, dtype=model.config.dtype,
+                          batch_invariant=batch_invariant, fine_prefill_widths=fine_prefill_widths,
+                          dtype=model.config.dtype,
                           quantize=args.quantize)
     return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
                          eos_token_id=model.eos_token_id)
@@ -142,7 +143,7 @@ def _serve(args) -> int:
 def _eval(args) -> int:
     from lmsys.eval.runner import run_eval
 
-    model, engine = _engine(args, args.max_slots)
+    model, engine = _engine(args, args.max_slots, fine_prefill_widths=True)
     run_eval(args, model, engine)
     return 0
 

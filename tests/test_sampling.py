@@ -106,7 +106,10 @@ def test_next_token_logprobs_match_direct_computation():
     rng = np.random.default_rng(0)
     logits_BTV = rng.normal(size=(b, t, v)).astype(np.float32)
     targets_BT = rng.integers(0, v, size=(b, t)).astype(np.int32)
-    lp_BT, top_ids_BTK, top_lp_BTK = next_token_logprobs(logits_BTV, targets_BT, 2)
+    targets_BT[0, :3] = np.argmax(logits_BTV[0, :3], -1)  # some greedy targets
+    lp_BT, greedy_BT, top_ids_BTK, top_lp_BTK = next_token_logprobs(logits_BTV, targets_BT, 2)
+    np.testing.assert_array_equal(greedy_BT, targets_BT == np.argmax(logits_BTV, -1))
+    assert np.asarray(greedy_BT)[0, :3].all()
     logprobs = _log_softmax(logits_BTV)
     for i in range(b):
         for pos in range(t):

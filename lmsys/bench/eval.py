@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     eos = eos_id(tokenizer)
 
     engine = Engine(params, model, tokenizer, EngineConfig(
-        max_slots=args.max_slots, max_seq_len=512, prefill_chunk=512, prefill_tokens=args.prefill_tokens),
+        max_slots=args.max_slots, max_seq_len=512, prefill_chunk=512, prefill_tokens=args.prefill_tokens,
+        fine_prefill_widths=True),
         eos_token_id=eos)
     with tempfile.TemporaryDirectory() as hf_dir:
         save_hf(params, model, hf_dir, dtype="float32")

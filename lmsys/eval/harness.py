@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from lm_eval.api.model import TemplateLM
 
-from lmsys.eval.scoring import Scorer, rolling_windows
+from lmsys.eval.scoring import Scorer
 from lmsys.serve.scheduler import GenerationOptions
 
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's `hf` model

@@ -6,10 +6,11 @@
     text_metrics(scorer, documents)                               # loss, perplexity, bits per byte
 
 Each pair is one engine request whose prompt is context + continuation, asking for the prompt
-tokens' log-probs (the engine's `echo` path: `GenerationOptions.prompt_logprobs`) and one
-generated token; requests are batched by the engine's scheduler (several prompts per prefill
-call), so a list of requests runs as a few large calls. A prompt longer than the engine's
-`max_seq_len - 1` tokens keeps its last ones, as lm-eval's `hf` model does.
+tokens' log-probs (the engine's `echo` path: `GenerationOptions.prompt_logprobs`) and no
+generated token (`max_tokens=0`: prefill only); requests are batched by the engine's scheduler
+(several prompts per prefill call, handed over longest first so a call's prompts have similar
+lengths), so a list of requests runs as a few large calls. A prompt longer than the engine's
+`max_seq_len` tokens keeps its last ones, as lm-eval's `hf` model does.
 """
 
 from __future__ import annotations
@@ -19,35 +20,38 @@ from dataclasses import dataclass
 
 from lmsys.serve.scheduler import GenerationOptions
 
-_SCORE = GenerationOptions(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+# prefill only: the prompt's log-probs, no generated token (and no decode step)
+# (prompt_logprobs=0: each token's log-prob and greedy flag, no top alternatives)
+_SCORE = GenerationOptions(max_tokens=0, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
 
 
 class Scorer:
     def __init__(self, engine):
         self.engine = engine
-        # input tokens of one scored sequence: its prompt (max_len + 1 tokens) and the one
-        # generated token fit in max_seq_len
-        self.max_len = engine.cfg.max_seq_len - 2
+        # tokens predicted in one scored sequence: its prompt is max_len + 1 tokens at most
+        self.max_len = engine.cfg.max_seq_len - 1
 
     def loglikelihood(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """The summed log-prob of each continuation after its context, and whether every
         continuation token is the most likely one (greedy)."""
-        engine, reqs, n_cont = self.engine, [], []
+        engine, prompts, n_cont = self.engine, [], []
         for context, continuation in pairs:
             if not continuation:
                 raise ValueError("an empty continuation has no log-likelihood")
             prompt = (list(context) + list(continuation))[-(self.max_len + 1):]
             n_cont.append(min(len(continuation), len(prompt) - 1))
-            reqs.append(engine.add_request(prompt, _SCORE))
+            prompts.append(prompt)
+        # longest first, so each prefill call holds prompts of similar length (little padding)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        reqs = [None] * len(prompts)
+        for i in order:
+            reqs[i] = engine.add_request(prompts[i], _SCORE)
         while engine.has_work():
             engine.step()
         out = []
         for req, n in zip(reqs, n_cont):
-            tokens = req.prompt_ids[-n:]
             lps = req.prompt_token_logprobs[-n:]
-            tops = req.prompt_top_logprobs[-n:]
-            greedy = all(max(top, key=top.get) == t for top, t in zip(tops, tokens))
-            out.append((math.fsum(lps), greedy))
+            out.append((math.fsum(lps), all(req.prompt_greedy[-n:])))
         return out
 
     def rolling(self, documents: list[list[int]], prefix_id: int) -> list[tuple[float, int]]:

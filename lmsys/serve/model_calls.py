@@ -63,18 +63,24 @@ class ModelCalls:
 
     def prefill(self, params, kv, rows, rules):
         """One chunk of one prompt per row: fills the cache. Only when a row of the call asks
-        for them (`echo_B`), also the log-probs of each next prompt token (for `echo`) with the
-        top alternatives; otherwise zeros, and the output projection is skipped."""
+        for them (`echo_B` > 0), also the log-probs of each next prompt token (for `echo` and
+        scoring) and whether it is greedy; with the top alternatives only when a row asks for
+        them (`echo_B` == 2). Otherwise zeros, and the output projection is skipped."""
         tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP = rows
         x_BCD, kv = self.forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules)
 
-        def echo(x_BCD):
-            return next_token_logprobs(self.logits(params, x_BCD, rules), targets_BC, MAX_TOP_LOGPROBS)
+        def echo(x_BCD, num_top=MAX_TOP_LOGPROBS):
+            lp, greedy, top_ids, top_lps = next_token_logprobs(
+                self.logits(params, x_BCD, rules), targets_BC, num_top)
+            if num_top == 0:  # the same shapes as with alternatives, zeros
+                top_ids, top_lps = zeros(jax.eval_shape(echo, x_BCD)[2:])
+            return lp, greedy, top_ids, top_lps
 
-        def skip(x_BCD):
-            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(echo, x_BCD))
+        def zeros(shapes):
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-        return jax.lax.cond(jnp.any(echo_B), echo, skip, x_BCD), kv
+        branches = [lambda x: zeros(jax.eval_shape(echo, x)), lambda x: echo(x, 0), echo]
+        return jax.lax.switch(jnp.max(echo_B), branches, x_BCD), kv
 
     def decode(self, params, kv, rows, rules):
         """One token per row; the log-probs (and top alternatives) only when a row of the call

@@ -35,15 +35,17 @@ def check_options(o: GenerationOptions) -> None:
         bad("logprobs", f"in [0, {MAX_TOP_LOGPROBS}]", o.prompt_logprobs)
 
 
-def add_prompt_logprobs(req: Request, start: int, n: int, lp_C, top_ids_CK, top_lps_CK) -> None:
+def add_prompt_logprobs(req: Request, start: int, n: int, lp_C, greedy_C, top_ids_CK, top_lps_CK) -> None:
     """Records the log-probs of prompt tokens start+1 .. start+n (one prefill chunk's row)."""
     k = req.options.prompt_logprobs
     if start == 0 and not req.prompt_token_logprobs:
         req.prompt_token_logprobs.append(None)  # the first token has no prefix
         req.prompt_top_logprobs.append(None)
+        req.prompt_greedy.append(None)
     for j in range(n):
         if len(req.prompt_token_logprobs) < len(req.prompt_ids):
             req.prompt_token_logprobs.append(float(lp_C[j]))
+            req.prompt_greedy.append(bool(greedy_C[j]))
             req.prompt_top_logprobs.append(
                 {int(t): float(v) for t, v in zip(top_ids_CK[j, :k], top_lps_CK[j, :k])})
 
@@ -53,6 +55,7 @@ def finish_scoring(req: Request, scheduler: Scheduler) -> None:
     if req.options.prompt_logprobs is not None and not req.prompt_token_logprobs:
         req.prompt_token_logprobs.append(None)  # a one-token prompt: nothing to score
         req.prompt_top_logprobs.append(None)
+        req.prompt_greedy.append(None)
     req.finish_reason = "length"
     scheduler.finish(req)
     if req.on_event:

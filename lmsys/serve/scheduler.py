@@ -112,6 +112,7 @@ class Request:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_token_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    prompt_greedy: list[bool | None] = field(default_factory=list)  # the prompt token is the argmax
     finish_reason: str | None = None
     preemptions: int = 0
     first_token_time: float | None = None
@@ -177,7 +178,8 @@ class Scheduler:
 
     def __init__(self, num_pages: int, num_shards: int = 1, *, max_slots: int = 8, page_size: int = 16,
                  max_seq_len: int = 512, prefill_chunk: int = 64, prefill_tokens: int = 0,
-                 batch_invariant: bool = False, shard_axes: tuple[str, ...] = ()):
+                 batch_invariant: bool = False, fine_widths: bool = False,
+                 shard_axes: tuple[str, ...] = ()):
         if max_seq_len % page_size:
             raise ValueError(f"max_seq_len {max_seq_len} must be a multiple of page_size {page_size}")
         self.page_size, self.max_seq_len, self.prefill_chunk = page_size, max_seq_len, prefill_chunk
@@ -205,6 +207,9 @@ class Scheduler:
             self.decode_buckets = [(max_slots, self.pages_per_seq)]
         else:
             chunks = [b for b in _buckets(prefill_chunk) if b >= min(8, prefill_chunk)]
+            if fine_widths:  # also 1.5x each power of two: less padding, more compiled shapes
+                chunks = sorted(chunks + [3 * b // 2 for b in chunks if 3 * b // 2 < prefill_chunk
+                                          and b >= 8 and b & (b - 1) == 0])
             rows = _buckets(min(self.slots_per_shard, self.prefill_tokens // chunks[0]))
             self.prefill_buckets = [(D * r, n) for r in rows for n in chunks
                                     if r * n <= self.prefill_tokens]
