@@ -193,6 +193,56 @@ def test_local_completions_against_serve_matches_in_process(run):
     assert api["results"]["lmsys_mc"]["acc,none"] == in_process["results"]["lmsys_mc"]["acc,none"]
 
 
+def test_generate_until_in_process_equals_local_completions_and_local_chat_completions(run):
+    """A generation task, greedy: the in-process adapter's outputs equal lm-eval's
+    `local-completions` against `lmsys serve`, and with the chat template applied in-process
+    equal `local-chat-completions` (the server renders the chat)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from lmsys.checkpoint import load_model
+    from lmsys.eval.harness import LmsysLM, run_tasks
+    from lmsys.serve.engine import Engine, EngineConfig
+    from lmsys.serve.server import BackgroundServer, create_app
+
+    directory = run["tmp"] / "gen"
+    directory.mkdir()
+    rng = np.random.default_rng(2)
+    with open(directory / "gen.jsonl", "w") as f:
+        for _ in range(6):
+            f.write(json.dumps({"ctx": " ".join(rng.choice(WORDS, 4)), "answer": "self"}) + "\n")
+    (directory / "gen.yaml").write_text(
+        f"task: lmsys_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {directory / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{ctx}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"zebra\", \"quux\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    m = load_model(run["run"])
+    engine = Engine(m.params, m.config.model, m.tokenizer, EngineConfig(max_slots=8, max_seq_len=128, num_pages=64),
+                    eos_token_id=m.eos_token_id)
+    lm = LmsysLM(engine, m.eos_token_id, m.chat_template)
+    plain = run_tasks(lm, [str(directory / "gen.yaml")])["samples"]["lmsys_gen"]
+    chat = run_tasks(lm, [str(directory / "gen.yaml")], apply_chat_template=True)["samples"]["lmsys_gen"]
+    api = {}
+    manager = TaskManager(include_path=[str(directory)])
+    with BackgroundServer(create_app(engine, "tiny", m.tokenizer, chat_template=m.chat_template)) as server:
+        for name, endpoint, extra in [("local-completions", "completions",
+                                       f",tokenizer_backend=huggingface,tokenizer={run['hf']}"),
+                                      ("local-chat-completions", "chat/completions", "")]:
+            api[name] = lm_eval.simple_evaluate(
+                model=name, model_args=f"model=tiny,base_url={server.url}/v1/{endpoint},num_concurrent=3,"
+                                       f"max_retries=1{extra}",
+                tasks=["lmsys_gen"], task_manager=manager,
+                apply_chat_template=name == "local-chat-completions")["samples"]["lmsys_gen"]
+
+    def outputs(samples):
+        return [s["resps"][0][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+    assert len(outputs(plain)) == 6 and any(outputs(plain)) and any(outputs(chat))
+    assert "<|user|>" in chat[0]["arguments"][0][0] and "<|user|>" not in plain[0]["arguments"][0][0]
+    assert outputs(api["local-completions"]) == outputs(plain)
+    assert outputs(api["local-chat-completions"]) == outputs(chat)
+
+
 def test_bits_per_byte_equals_a_hand_computation_with_transformers(run, capsys):
     text = "def value(self):\n    return None  # é → ok\nfor x in self:\n    import value\n"
     src = run["tmp"] / "text.txt"

@@ -78,11 +78,20 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt for `messages`, ending with the assistant's turn opened
-        (`add_generation_prompt=True`); ChatTemplateError if the template fails on them."""
+    @classmethod
+    def for_model(cls, template: str | None, tokenizer, eos_token_id: int | None) -> "ChatTemplate":
+        """A model's template (DEFAULT_CHAT_TEMPLATE for None) with its tokenizer's begin- and
+        end-of-text tokens as `bos_token` / `eos_token`: how the server and `lmsys eval` render."""
+        from lmsys.data.tokenizer import BOS_CANDIDATES, first_token_id
+
+        return cls(template or DEFAULT_CHAT_TEMPLATE, token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
+                   token_text(tokenizer, eos_token_id))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages`, ending with the assistant's turn opened (unless
+        `add_generation_prompt` is False); ChatTemplateError if the template fails on them."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except ChatTemplateError:
             raise

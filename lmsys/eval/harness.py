@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from lm_eval.api.model import TemplateLM
 
+from lmsys.data.chat_template import ChatTemplate
 from lmsys.eval.scoring import Scorer
 from lmsys.serve.scheduler import GenerationOptions
 
@@ -24,11 +25,25 @@ DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's `hf` model
 
 class LmsysLM(TemplateLM):
     """loglikelihood, loglikelihood_rolling and generate_until (greedy) through an Engine.
-    Every list of requests is handed to the engine at once: its scheduler batches them."""
+    Every list of requests is handed to the engine at once: its scheduler batches them.
+    `chat_template`: the model's (None: lmsys's default), for lm-eval's `apply_chat_template`,
+    rendered as `lmsys serve`'s chat route renders it."""
 
-    def __init__(self, engine, eos_token_id: int):
+    def __init__(self, engine, eos_token_id: int, chat_template: str | None = None):
         super().__init__()
         self.engine, self.scorer, self._eot = engine, Scorer(engine), int(eos_token_id)
+        self._template = chat_template
+        self.chat = ChatTemplate.for_model(chat_template, engine.tokenizer, self._eot)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "lmsys"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self._template or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.chat.render(chat_history, add_generation_prompt)
 
     @property
     def eot_token_id(self) -> int:
@@ -108,8 +123,9 @@ def task_names(specs: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run_tasks(lm, specs: list[str], limit: float | None = None, num_fewshot: int | None = None,
-              log_samples: bool = True, seed: int = 0) -> dict:
-    """lm-eval's `simple_evaluate` of `lm` on the tasks; its results dict (with `samples`)."""
+              log_samples: bool = True, seed: int = 0, apply_chat_template: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` of `lm` on the tasks; its results dict (with `samples`).
+    `apply_chat_template`: prompts rendered as chats through the model's template."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -121,6 +137,7 @@ def run_tasks(lm, specs: list[str], limit: float | None = None, num_fewshot: int
                          f"`lm_eval ls tasks` or a task YAML file")
     return simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                            num_fewshot=num_fewshot, log_samples=log_samples, random_seed=seed,
+                           apply_chat_template=apply_chat_template,
                            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 

@@ -60,8 +60,9 @@ def task_results(args, model, engine, out: Path) -> dict[str, float]:
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     try:
-        results = run_tasks(LmsysLM(engine, model.eos_token_id), specs, limit=limit,
-                            num_fewshot=args.num_fewshot, log_samples=True)
+        results = run_tasks(LmsysLM(engine, model.eos_token_id, model.chat_template), specs, limit=limit,
+                            num_fewshot=args.num_fewshot, log_samples=True,
+                            apply_chat_template=args.apply_chat_template)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     save_results(results, str(out))
@@ -95,6 +96,9 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction below 1: of each task); --source: documents")
     p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="lm-eval: render each prompt as a chat through the model's chat template "
+                        "(as `lmsys serve`'s /v1/chat/completions does)")
     p.add_argument("--output", default="eval_results", help="directory for the results JSON")
     p.add_argument("--max-slots", type=int, default=32, help="requests scored together at most")
     p.add_argument("--register", action="store_true",

@@ -27,8 +27,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError, token_text
-from lmsys.data.tokenizer import BOS_CANDIDATES, first_token_id
+from lmsys.data.chat_template import ChatTemplate, ChatTemplateError
 from lmsys.serve.api import (
     APIError,
     ChatBody,
@@ -197,9 +196,7 @@ class Routes:
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
         self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
-        self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE,
-                                 token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
-                                 token_text(tokenizer, engine.eos_token_id))
+        self.chat = ChatTemplate.for_model(chat_template, tokenizer, engine.eos_token_id)
 
     # -------------------------------------------------------------- shared pieces
 
