@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
+from lmsys.serve.constrained import masked_logits
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
 
@@ -77,10 +78,12 @@ class ModelCalls:
         return jax.lax.cond(jnp.any(echo_B), echo, skip, x_BCD), kv
 
     def decode(self, params, kv, rows, rules):
-        """One token per row; the log-probs (and top alternatives) only when a row of the call
-        asks for them (`logprobs_B`), else zeros."""
-        tokens_B, positions_B, page_table_BP, sampling, logprobs_B = rows
+        """One token per row, among the tokens its bitmask allows (`allowed_BW`: structured
+        output, lmsys.serve.constrained; all bits set for a free row); the log-probs (and top
+        alternatives) only when a row of the call asks for them (`logprobs_B`), else zeros."""
+        tokens_B, positions_B, page_table_BP, sampling, logprobs_B, allowed_BW = rows
         x_B1D, kv = self.forward(params, kv, tokens_B[:, None], positions_B[:, None],
                                  page_table_BP, rules)
-        logits_BV = self.logits(params, x_B1D, rules)[:, 0]
+        logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
+

@@ -36,6 +36,7 @@ from lmsys.serve.api import (
     EngineFailure,
     Limits,
     SamplingBody,
+    body_grammar,
     check_fields,
     check_text,
 )
@@ -212,7 +213,8 @@ class Routes:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         return GenerationOptions(max_tokens=max_tokens, temperature=body.temperature,
                                  top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
-                                 stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos, **kw)
+                                 stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos,
+                                 grammar=body_grammar(body, self.engine), **kw)
 
     @staticmethod
     def seeds(body: SamplingBody) -> list[int]:
