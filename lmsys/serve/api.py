@@ -80,6 +80,7 @@ class Limits:
     max_stop_chars: int = 256  # characters of one stop string
     max_messages: int = 1024  # chat messages per request
     request_timeout: float = 600.0  # seconds from arrival to the last token (0 = none); then 408
+    embed_pooling: str = "last"  # how /v1/embeddings pools a sequence: "last" or "mean" token
 
 
 # no-op OpenAI fields: accepted and ignored (documented in the README)

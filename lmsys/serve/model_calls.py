@@ -87,3 +87,16 @@ class ModelCalls:
         logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 
+    def embed(self, params, tokens_BT, lengths_B, rules, *, pooling: str):
+        """Pooled final-normed hidden states [B, D] in float32 (the prefill path without KV
+        pages: causal attention within each row, so right padding never reaches a real token):
+        the mean over each row's first `lengths_B` tokens, or its last token's (`pooling`)."""
+        T = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        x_BTD, _ = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                                 dtype=self.dtype, logits=False)
+        x_BTD = x_BTD.astype(jnp.float32)
+        if pooling == "mean":
+            valid_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
+            return jnp.sum(jnp.where(valid_BT[..., None], x_BTD, 0), axis=1) / lengths_B[:, None]
+        return jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
