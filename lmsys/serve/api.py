@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmsys.models.llama import CAPTURES
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS, RequestError
 
 
@@ -81,6 +82,7 @@ class Limits:
     max_messages: int = 1024  # chat messages per request
     request_timeout: float = 600.0  # seconds from arrival to the last token (0 = none); then 408
     embed_pooling: str = "last"  # how /v1/embeddings pools a sequence: "last" or "mean" token
+    max_hidden_values: int = 2**22  # floats of `return_hidden_states` one request may ask for
 
 
 # no-op OpenAI fields: accepted and ignored (documented in the README)
@@ -179,8 +181,17 @@ class SamplingBody(BaseModel):
     guided_grammar: str | None = None
 
 
+class HiddenStatesRequest(BaseModel):
+    """`return_hidden_states` on completions (extension; lmsys.serve.activations)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    layers: list[int] = Field(min_length=1)
+    positions: Literal["last", "all"] = "last"
+    kind: Literal[CAPTURES] = "residual"
+
+
 class CompletionBody(SamplingBody):
     prompt: str | list[TokenId] | list[str | list[TokenId]]
+    return_hidden_states: HiddenStatesRequest | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     # 0 with echo: only the prompt's log-probs (how evaluation tools score text)

@@ -87,6 +87,15 @@ class ModelCalls:
         logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 
+    def activations(self, params, tokens_BT, rules, *, capture: tuple[str, ...]):
+        """The per-layer activations `capture` names (llama.forward's `capture`), each [layers,
+        B, T, D] in float32, over the prefill path without KV pages (nor output projection)."""
+        T = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        _, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                               dtype=self.dtype, logits=False, capture=capture)
+        return {k: v.astype(jnp.float32) for k, v in aux["captured"].items()}
+
     def embed(self, params, tokens_BT, lengths_B, rules, *, pooling: str):
         """Pooled final-normed hidden states [B, D] in float32 (the prefill path without KV
         pages: causal attention within each row, so right padding never reaches a real token):

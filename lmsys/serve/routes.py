@@ -40,6 +40,7 @@ from lmsys.serve.api import (
     check_fields,
     check_text,
 )
+from lmsys.serve import activations
 from lmsys.serve.engine import Engine
 from lmsys.serve.scheduler import Event, GenerationOptions, Request, RequestError
 
@@ -198,6 +199,7 @@ class Routes:
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
         self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
+        self.activations = activations.Activations(engine)
         self.chat = ChatTemplate(chat_template or DEFAULT_CHAT_TEMPLATE,
                                  token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
                                  token_text(tokenizer, engine.eos_token_id))
@@ -304,6 +306,8 @@ class Routes:
                 lp = self.completion_logprobs(c, body.echo, r.generated[:len(r.token_logprobs)],
                                               r.token_logprobs, r.top_logprobs, 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+        if body.return_hidden_states is not None:
+            await activations.attach(self.activations, body.return_hidden_states, [c.req for c in run.choices], choices)
         return {**head, "choices": choices, "usage": run.usage(lengths)}
 
     def _completion_items(self, body: CompletionBody):
@@ -334,6 +338,7 @@ class Routes:
             for seed in self.seeds(body):
                 items.append((ids, text, self.options(body, max_tokens, seed, logprobs=body.logprobs,
                                                       prompt_logprobs=prompt_logprobs)))
+        activations.check(body, self.engine, self.limits, lengths, max_tokens)
         return items, lengths
 
     async def _stream_completions(self, run: _Run, head: dict, echo: bool, with_logprobs: bool,
