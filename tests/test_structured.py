@@ -7,15 +7,13 @@ and a schema the library rejects is a 400 naming the problem."""
 import json
 
 import httpx
-import jax
 import jsonschema
 import numpy as np
 import pytest
-from common import tiny_config, write_corpus
+from common import tiny_served_model
 from openai import BadRequestError, OpenAI
 
-from lmsys.data import eos_id, load_tokenizer
-from lmsys.models import llama
+from lmsys.data import eos_id
 from lmsys.serve.constrained import request_grammar
 from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.scheduler import GenerationOptions
@@ -28,10 +26,7 @@ MAX_TOKENS = 160
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("structured")
-    tok = load_tokenizer("builtin", VOCAB, source=write_corpus(root / "corpus"), cache_dir=str(root))
-    cfg = tiny_config(model={"vocab_size": VOCAB}).model
-    params = jax.device_put(llama.init(jax.random.key(0), cfg), jax.devices()[0])
+    cfg, params, tok = tiny_served_model(tmp_path_factory.mktemp("structured"), VOCAB)
     # batch-invariant: one prefill and one decode shape, so the whole file compiles two programs
     return Engine(params, cfg, tok, EngineConfig(max_slots=32, page_size=16, max_seq_len=192, prefill_chunk=16,
                                                  batch_invariant=True), eos_token_id=eos_id(tok))

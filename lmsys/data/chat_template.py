@@ -78,11 +78,12 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token, eos_token
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt for `messages`, ending with the assistant's turn opened
-        (`add_generation_prompt=True`); ChatTemplateError if the template fails on them."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt for `messages` (and `tools`, OpenAI's function list, as transformers passes
+        them), ending with the assistant's turn opened (`add_generation_prompt=True`);
+        ChatTemplateError if the template fails on them."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
+            return self.template.render(messages=messages, tools=tools, add_generation_prompt=True,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except ChatTemplateError:
             raise

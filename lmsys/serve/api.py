@@ -2,7 +2,9 @@
 
     CompletionBody   POST /v1/completions       (prompt, logprobs, echo + the shared fields)
     ChatBody         POST /v1/chat/completions  (messages of Message / TextPart, logprobs,
-                                                 top_logprobs, max_completion_tokens + shared)
+                                                 top_logprobs, max_completion_tokens, tools
+                                                 (ToolSpec), tool_choice, parallel_tool_calls
+                                                 + shared)
     SamplingBody     the shared fields: model, max_tokens, temperature, top_p, top_k, n, stream,
                      stream_options (StreamOptions), stop, seed, ignore_eos, and structured
                      output: response_format (ResponseFormat) or guided_json / guided_regex /
@@ -90,8 +92,7 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 # OpenAI features the server does not implement: accepted only at their default (no-op) value
 NEUTRAL_FIELDS = {
     "frequency_penalty": (0,), "presence_penalty": (0,), "best_of": (None, 1), "logit_bias": (None, {}),
-    "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+    "suffix": (None, ""), "functions": (None, []),
 }
 
 
@@ -214,8 +215,25 @@ class Message(BaseModel):
     name: str | None = None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; None = no arguments constraint
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
+    tools: list[ToolSpec] | None = Field(None, max_length=128)  # lmsys.serve.tools
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
