@@ -126,11 +126,12 @@ def _serve(args) -> int:
     except KeyFileError as e:
         raise ConfigError(str(e)) from None
     given = {"max_queue": args.max_queue, "max_choices": args.max_choices, "request_timeout": args.request_timeout,
+             "max_hidden_values": args.max_hidden_values,
              "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20)}
     for name, value in given.items():
         if value is not None and (value < 0 or (value == 0 and name != "request_timeout")):
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    limits = Limits(**{k: v for k, v in given.items() if v is not None})
+    limits = Limits(**{k: v for k, v in given.items() if v is not None}, embed_pooling=args.embed_pooling)
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
     print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "
           f"{args.max_slots} slots, queue of {limits.max_queue}", flush=True)
@@ -250,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take, arrival "
                    "to last token, then 408 (default 600; 0 = none)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the run dir's name)")
+    p.add_argument("--max-hidden-values", type=int, default=None, help="floats of return_hidden_states one "
+                   "completions request may ask for (default 2^22)")
+    p.add_argument("--embed-pooling", choices=("last", "mean"), default="last",
+                   help="/v1/embeddings: the last token's final hidden state, or the mean over the tokens")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--batch-invariant", action="store_true",
                    help="one shape per call: a request's output never depends on the others")

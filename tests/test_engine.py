@@ -16,6 +16,7 @@ from lmsys.data import load_tokenizer
 from lmsys.models import llama
 from lmsys.models.attention import _cached_attention
 from lmsys.parallel import Rules, build_mesh
+from lmsys.serve.constrained import all_allowed
 from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.sampling import SamplingParams
 from lmsys.serve.scheduler import GenerationOptions, RequestError
@@ -82,7 +83,7 @@ def _decode_rows(n, pages):
     """The inputs of one decode call of `n` padding rows (to trace or lower it)."""
     z = np.zeros(n, np.int32)
     sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32), np.zeros(n, np.uint32), z)
-    return z, z - 1, np.zeros((n, pages), np.int32), sampling, np.zeros(n, bool)
+    return z, z - 1, np.zeros((n, pages), np.int32), sampling, np.zeros(n, bool), all_allowed(n, VOCAB)
 
 
 def _run_staggered(engine, prompts, max_tokens, each_step=lambda: None):

@@ -87,11 +87,13 @@ class ChatTemplate:
         return cls(template or DEFAULT_CHAT_TEMPLATE, token_text(tokenizer, first_token_id(tokenizer, BOS_CANDIDATES)),
                    token_text(tokenizer, eos_token_id))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt for `messages`, ending with the assistant's turn opened (unless
-        `add_generation_prompt` is False); ChatTemplateError if the template fails on them."""
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """The prompt for `messages` (and `tools`, OpenAI's function list, as transformers passes
+        them), ending with the assistant's turn opened (unless `add_generation_prompt` is False);
+        ChatTemplateError if the template fails on them."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return self.template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
         except ChatTemplateError:
             raise

@@ -43,7 +43,7 @@ class LmsysLM(TemplateLM):
         return self._template or ""
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.chat.render(chat_history, add_generation_prompt)
+        return self.chat.render(chat_history, add_generation_prompt=add_generation_prompt)
 
     @property
     def eot_token_id(self) -> int:

@@ -148,6 +148,8 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
     return out.astype(x_BTNH.dtype)
 
 
+CAPTURES = ("residual", "attn", "mlp")  # what `forward(capture=...)` can return per layer
+
 REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer; recompute it all in the backward pass
     # keep the attention projections and block outputs; recompute softmax and the MLP interior
@@ -193,8 +195,10 @@ def _gather_layer(lp, cfg: ModelConfig, rules, dtype):
 def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, inv_freq,
            page_table_BP, gather: bool = False):
     """One decoder block; `kv` is the (k, v) page pool of all layers, or None. Returns
-    (x_BTD, kv, moe_stats): `moe_mlp`'s router statistics, None for a dense MLP. `gather`: all-gather
-    the layer's fsdp-split parameters once up front (`_gather_layer`)."""
+    (x_BTD, kv, moe_stats, acts): `moe_mlp`'s router statistics, None for a dense MLP; `acts` the
+    block's outputs `forward(capture=...)` can return ("attn", "mlp": what each adds to the
+    residual stream; "residual": the stream after the block). `gather`: all-gather the layer's
+    fsdp-split parameters once up front (`_gather_layer`)."""
     dtype = x_BTD.dtype
     lp = _gather_layer(lp, cfg, rules, dtype) if gather else materialize(lp, dtype)
     act = ("batch", "seq", None)
@@ -228,13 +232,13 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     else:
         mlp_BTD = swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules)
     x_BTD = x_BTD + checkpoint_name(constrain(rules, mlp_BTD, act), "mlp_out")
-    return x_BTD, kv, moe_stats
+    return x_BTD, kv, moe_stats, {"attn": attn_BTD, "mlp": mlp_BTD, "residual": x_BTD}
 
 
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
             segment_ids_BT: jax.Array | None = None, *, cfg: ModelConfig, rules=None,
             dtype=jnp.float32, remat: str = "none", cache: dict | None = None,
-            logits: bool = True):
+            logits: bool = True, capture: tuple[str, ...] = ()):
     """Logits [batch, seq, vocab] in float32, and an aux dict.
 
     segment_ids_BT: tokens of different documents in one row (packed sequences) never attend to
@@ -253,7 +257,13 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
       of each layer over all the call's tokens, summed over the layers; float32 scalars).
     logits: False skips the output projection: the first result is then the final-normed hidden
       states [batch, seq, d_model] in the compute dtype, which `unembed` turns into the logits.
+    capture: per-layer activations to return as aux["captured"][name], each [layers, batch, seq,
+      d_model] in the compute dtype: "residual" (the residual stream after each block), "attn"
+      (each block's attention output, before it is added), "mlp" (each block's MLP output).
+      Empty (the default): the traced program is exactly the one without capture.
     """
+    if unknown := set(capture) - set(CAPTURES):
+        raise ValueError(f"capture: unknown activations {sorted(unknown)}; one of {CAPTURES}")
     inv_freq = rope_frequencies(cfg)
     x_BTD = embed_lookup(params["embed"].astype(dtype), tokens_BT, rules)
     page_table_BP = None if cache is None else cache["page_table"]
@@ -268,26 +278,28 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     def body(carry, scanned):
         x, kv = carry
         lp, layer = scanned
-        x, kv, moe_stats = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
-                                  segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
-                                  page_table_BP=page_table_BP, gather=gather)
-        return (x, kv), moe_stats
+        x, kv, moe_stats, acts = _layer(x, lp, kv, layer, cfg=cfg, rules=rules, positions_BT=positions_BT,
+                                        segment_ids_BT=segment_ids_BT, inv_freq=inv_freq,
+                                        page_table_BP=page_table_BP, gather=gather)
+        return (x, kv), (moe_stats, {name: acts[name] for name in capture})
 
     if remat_layer is not None:
         body = remat_layer(body)
     kv = None if cache is None else (cache["k"], cache["v"])
     if cache is None and rules is not None and rules.mesh.shape.get("stage", 1) > 1:
+        if capture:
+            raise ValueError("capture is not supported with pipeline stages")
         def block(x, lp, pos_BT, seg_BT, stage_rules):  # one layer inside a pipeline stage
-            x, _, moe_stats = _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
-                                     segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None,
-                                     gather=gather)
+            x, _, moe_stats, _ = _layer(x, lp, None, 0, cfg=cfg, rules=stage_rules, positions_BT=pos_BT,
+                                        segment_ids_BT=seg_BT, inv_freq=inv_freq, page_table_BP=None,
+                                        gather=gather)
             return x, moe_stats
 
         x_BTD, moe_stats_L = pipeline(block, params["layers"], x_BTD, positions_BT, segment_ids_BT,
                                       rules=rules, remat=remat_layer)
     else:
-        (x_BTD, kv), moe_stats_L = jax.lax.scan(body, (x_BTD, kv),
-                                                (params["layers"], jnp.arange(cfg.n_layers)))
+        (x_BTD, kv), (moe_stats_L, captured) = jax.lax.scan(body, (x_BTD, kv),
+                                                            (params["layers"], jnp.arange(cfg.n_layers)))
 
     x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
     aux = {}
@@ -296,6 +308,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
         aux["moe_aux_loss"], aux["moe_z_loss"] = jnp.sum(losses_L2, axis=0)
     if cache is not None:
         aux["cache"] = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
+    if capture:
+        aux["captured"] = captured
     return (unembed(params, x_BTD, cfg=cfg, rules=rules, dtype=dtype) if logits else x_BTD), aux
 
 

@@ -2,9 +2,13 @@
 
     CompletionBody   POST /v1/completions       (prompt, logprobs, echo + the shared fields)
     ChatBody         POST /v1/chat/completions  (messages of Message / TextPart, logprobs,
-                                                 top_logprobs, max_completion_tokens + shared)
+                                                 top_logprobs, max_completion_tokens, tools
+                                                 (ToolSpec), tool_choice, parallel_tool_calls
+                                                 + shared)
     SamplingBody     the shared fields: model, max_tokens, temperature, top_p, top_k, n, stream,
-                     stream_options (StreamOptions), stop, seed, ignore_eos
+                     stream_options (StreamOptions), stop, seed, ignore_eos, and structured
+                     output: response_format (ResponseFormat) or guided_json / guided_regex /
+                     guided_choice / guided_grammar (vLLM's names)
     Limits           what one request may ask and how many may wait (`lmsys serve` flags)
 
 Bodies are strict ("10" is not an int) and every number is range-checked to what the engine
@@ -25,7 +29,8 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
+from lmsys.models.llama import CAPTURES
+from lmsys.serve.scheduler import MAX_TOP_LOGPROBS, RequestError
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -78,6 +83,8 @@ class Limits:
     max_stop_chars: int = 256  # characters of one stop string
     max_messages: int = 1024  # chat messages per request
     request_timeout: float = 600.0  # seconds from arrival to the last token (0 = none); then 408
+    embed_pooling: str = "last"  # how /v1/embeddings pools a sequence: "last" or "mean" token
+    max_hidden_values: int = 2**22  # floats of `return_hidden_states` one request may ask for
 
 
 # no-op OpenAI fields: accepted and ignored (documented in the README)
@@ -85,8 +92,7 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 # OpenAI features the server does not implement: accepted only at their default (no-op) value
 NEUTRAL_FIELDS = {
     "frequency_penalty": (0,), "presence_penalty": (0,), "best_of": (None, 1), "logit_bias": (None, {}),
-    "suffix": (None, ""), "response_format": (None, {"type": "text"}), "tools": (None, []),
-    "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+    "suffix": (None, ""), "functions": (None, []),
 }
 
 
@@ -136,6 +142,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {} = any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingBody(BaseModel):
     """The fields both endpoints share: the model, sampling, stops, streaming."""
 
@@ -153,10 +173,26 @@ class SamplingBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
     ignore_eos: bool = False  # extension
+    # structured output (lmsys.serve.constrained): OpenAI's response_format, or one of vLLM's
+    # guided_* extension fields
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+
+class HiddenStatesRequest(BaseModel):
+    """`return_hidden_states` on completions (extension; lmsys.serve.activations)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    layers: list[int] = Field(min_length=1)
+    positions: Literal["last", "all"] = "last"
+    kind: Literal[CAPTURES] = "residual"
 
 
 class CompletionBody(SamplingBody):
     prompt: str | list[TokenId] | list[str | list[TokenId]]
+    return_hidden_states: HiddenStatesRequest | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     # 0 with echo: only the prompt's log-probs (how evaluation tools score text)
@@ -179,8 +215,25 @@ class Message(BaseModel):
     name: str | None = None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; None = no arguments constraint
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatBody(SamplingBody):
     messages: list[Message] = Field(min_length=1)
+    tools: list[ToolSpec] | None = Field(None, max_length=128)  # lmsys.serve.tools
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -199,3 +252,42 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if len(errors) > 1:
         msg += f"; and {len(errors) - 1} more problem(s)"
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), param
+
+
+GUIDED_KINDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                "guided_grammar": "grammar"}
+
+
+def body_grammar(body: SamplingBody, engine) -> str | None:
+    """The llguidance grammar a body asks for (response_format or one guided_* field), checked
+    against the engine's tokenizer (RequestError naming the field and the library's complaint:
+    a 400), or None."""
+    from lmsys.serve.constrained import request_grammar
+
+    asked = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        asked.append(("response_format", "json_schema", {"type": "object"}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise APIError(400, "response_format: type json_schema needs a json_schema object "
+                                "({\"name\": ..., \"schema\": {...}})", param="response_format")
+        asked.append(("response_format", "json_schema", fmt.json_schema.schema_))
+    asked += [(name, kind, getattr(body, name)) for name, kind in GUIDED_KINDS.items()
+              if getattr(body, name) is not None]
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"ask for one output constraint, got {', '.join(a[0] for a in asked)}",
+                       param=asked[1][0])
+    name, kind, spec = asked[0]
+    check_text(spec, name)
+    try:
+        grammar = request_grammar(kind, spec)
+    except ImportError as e:
+        raise APIError(400, f"{name}: structured output needs llguidance on the server "
+                            "(pip install 'lmsys[structured]')", param=name) from e
+    except RequestError as e:
+        raise APIError(400, f"{name}: {str(e).split(': ', 1)[-1]}", param=name, code=e.code) from None
+    engine.grammar_state(grammar, name)  # the library's verdict, cached per grammar text
+    return grammar

@@ -72,6 +72,7 @@ from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.parallel.sharded_kernels import POOL_AXES
+from lmsys.serve.constrained import advance, all_allowed
 from lmsys.serve.model_calls import ModelCalls
 from lmsys.serve.outputs import add_prompt_logprobs, append_token, check_options, finish_scoring
 from lmsys.serve.sampling import SamplingParams
@@ -136,6 +137,7 @@ class Engine:
         self._prefill = self.calls.jit(self.calls.prefill)
         self._decode = self.calls.jit(self.calls.decode)
 
+        self.grammars = None  # lmsys.serve.constrained.Grammars, made for the first grammar
         self._ids = itertools.count()
         self.lock = threading.Lock()
 
@@ -218,11 +220,22 @@ class Engine:
         check_options(options)
         self.scheduler.check_fits(len(prompt_ids), options.max_tokens)
         stop_ids = set(options.stop_token_ids)
-        if self.eos_token_id is not None and not options.ignore_eos:
-            stop_ids.add(self.eos_token_id)
+        if self.eos_token_id is not None and (not options.ignore_eos or options.grammar is not None):
+            stop_ids.add(self.eos_token_id)  # a grammar's end is the end-of-text token
         return Request(next(self._ids), prompt_ids, options, on_event,
                        detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                       stops=StopChecker(options.stop, stop_ids))
+                       stops=StopChecker(options.stop, stop_ids),
+                       matcher=None if options.grammar is None else self.grammar_state(options.grammar))
+
+    def grammar_state(self, grammar: str, param: str = "response_format"):
+        """A request's parser state for `grammar` (RequestError if the library rejects it)."""
+        if self.grammars is None:
+            if self.eos_token_id is None:
+                raise RequestError("structured output needs the model's end-of-text token", param=param)
+            from lmsys.serve.constrained import Grammars
+
+            self.grammars = Grammars(self.tokenizer, self.model.vocab_size, self.eos_token_id)
+        return self.grammars.matcher(grammar, param)
 
     def abort(self, req: Request) -> None:
         """Stops a request now (e.g. its client went away) and frees its pages."""
@@ -301,13 +314,19 @@ class Engine:
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
             want_logprobs[i] = o.logprobs is not None
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
-        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs))
+        allowed = (self.grammars.bitmask(rows, batch, B) if self.grammars is not None
+                   else all_allowed(B, self.model.vocab_size))
+        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs, allowed))
         out = jax.device_get(out)
         self.stats["decode_steps"] += 1
         self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
         tokens = out.tokens_B.tolist()
         for i, r in zip(rows, batch):
             r.num_computed += 1
+            if r.matcher is not None:
+                self._isolated(r, advance, r, tokens[i])
+                if r.done:
+                    continue
             if r.options.logprobs is None:
                 self._isolated(r, append_token, r, self.scheduler, tokens[i], 0.0, {})
             else:
@@ -348,8 +367,8 @@ class Engine:
                 z, table = np.zeros(n, np.int32), np.zeros((n, m), np.int32)
                 sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32),
                                           np.zeros(n, np.uint32), z)
-                _, self.kv = self._decode(self.params, self.kv,
-                                          (z, z - 1, table, sampling, np.zeros(n, bool)))
+                _, self.kv = self._decode(self.params, self.kv, (z, z - 1, table, sampling, np.zeros(n, bool),
+                                                                 all_allowed(n, self.model.vocab_size)))
             if bar:
                 bar.update(1)
         if bar:

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec
 from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
+from lmsys.serve.constrained import masked_logits
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
 
@@ -83,10 +84,34 @@ class ModelCalls:
         return jax.lax.switch(jnp.max(echo_B), branches, x_BCD), kv
 
     def decode(self, params, kv, rows, rules):
-        """One token per row; the log-probs (and top alternatives) only when a row of the call
-        asks for them (`logprobs_B`), else zeros."""
-        tokens_B, positions_B, page_table_BP, sampling, logprobs_B = rows
+        """One token per row, among the tokens its bitmask allows (`allowed_BW`: structured
+        output, lmsys.serve.constrained; all bits set for a free row); the log-probs (and top
+        alternatives) only when a row of the call asks for them (`logprobs_B`), else zeros."""
+        tokens_B, positions_B, page_table_BP, sampling, logprobs_B, allowed_BW = rows
         x_B1D, kv = self.forward(params, kv, tokens_B[:, None], positions_B[:, None],
                                  page_table_BP, rules)
-        logits_BV = self.logits(params, x_B1D, rules)[:, 0]
+        logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
+
+    def activations(self, params, tokens_BT, rules, *, capture: tuple[str, ...]):
+        """The per-layer activations `capture` names (llama.forward's `capture`), each [layers,
+        B, T, D] in float32, over the prefill path without KV pages (nor output projection)."""
+        T = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        _, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                               dtype=self.dtype, logits=False, capture=capture)
+        return {k: v.astype(jnp.float32) for k, v in aux["captured"].items()}
+
+    def embed(self, params, tokens_BT, lengths_B, rules, *, pooling: str):
+        """Pooled final-normed hidden states [B, D] in float32 (the prefill path without KV
+        pages: causal attention within each row, so right padding never reaches a real token):
+        the mean over each row's first `lengths_B` tokens, or its last token's (`pooling`)."""
+        T = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        x_BTD, _ = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                                 dtype=self.dtype, logits=False)
+        x_BTD = x_BTD.astype(jnp.float32)
+        if pooling == "mean":
+            valid_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
+            return jnp.sum(jnp.where(valid_BT[..., None], x_BTD, 0), axis=1) / lengths_B[:, None]
+        return jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]

@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from lmsys.data.chat_template import ChatTemplate, ChatTemplateError
+from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
 from lmsys.serve.api import (
     APIError,
     ChatBody,
@@ -35,9 +35,11 @@ from lmsys.serve.api import (
     EngineFailure,
     Limits,
     SamplingBody,
+    body_grammar,
     check_fields,
     check_text,
 )
+from lmsys.serve import activations, tools
 from lmsys.serve.engine import Engine
 from lmsys.serve.scheduler import Event, GenerationOptions, Request, RequestError
 
@@ -196,6 +198,8 @@ class Routes:
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
         self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
+        self.activations = activations.Activations(engine)
+        self.tool_style = tools.style(chat_template or DEFAULT_CHAT_TEMPLATE)
         self.chat = ChatTemplate.for_model(chat_template, tokenizer, engine.eos_token_id)
 
     # -------------------------------------------------------------- shared pieces
@@ -209,7 +213,8 @@ class Routes:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         return GenerationOptions(max_tokens=max_tokens, temperature=body.temperature,
                                  top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
-                                 stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos, **kw)
+                                 stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos,
+                                 grammar=kw.pop("grammar", None) or body_grammar(body, self.engine), **kw)
 
     @staticmethod
     def seeds(body: SamplingBody) -> list[int]:
@@ -299,6 +304,8 @@ class Routes:
                 lp = self.completion_logprobs(c, body.echo, r.generated[:len(r.token_logprobs)],
                                               r.token_logprobs, r.top_logprobs, 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+        if body.return_hidden_states is not None:
+            await activations.attach(self.activations, body.return_hidden_states, [c.req for c in run.choices], choices)
         return {**head, "choices": choices, "usage": run.usage(lengths)}
 
     def _completion_items(self, body: CompletionBody):
@@ -329,6 +336,7 @@ class Routes:
             for seed in self.seeds(body):
                 items.append((ids, text, self.options(body, max_tokens, seed, logprobs=body.logprobs,
                                                       prompt_logprobs=prompt_logprobs)))
+        activations.check(body, self.engine, self.limits, lengths, max_tokens)
         return items, lengths
 
     async def _stream_completions(self, run: _Run, head: dict, echo: bool, with_logprobs: bool,
@@ -372,16 +380,17 @@ class Routes:
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self.sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"},
-                                              body.logprobs, include_usage, [len(ids)]))
+            return self.sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"}, body.logprobs,
+                                              include_usage, [len(ids)], bool(tools.chosen_tools(body))))
         await run.finish()
         choices = []
         for c in run.choices:
             r = c.req
             lp = (self.chat_logprobs(r.generated[:len(r.token_logprobs)], r.token_logprobs, r.top_logprobs)
                   if body.logprobs else None)
-            choices.append({"index": c.index, "message": {"role": "assistant", "content": r.text},
-                            "logprobs": lp, "finish_reason": r.finish_reason})
+            message, finish = ((tools.answer(r.text, r.finish_reason, self.tool_style)) if tools.chosen_tools(body)
+                               else ({"role": "assistant", "content": r.text}, r.finish_reason))
+            choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         return {**head, "choices": choices, "usage": run.usage([len(ids)])}
 
     def _chat_items(self, body: ChatBody):
@@ -404,8 +413,12 @@ class Routes:
             messages.append({**(m.model_extra or {}), "role": m.role, "content": content or "",
                              **({"name": m.name} if m.name else {})})
         check_text(messages, "messages")
+        chosen = tools.chosen_tools(body)
+        if (grammar := tools.tool_grammar(body, chosen, self.tool_style)) and body_grammar(body, self.engine):
+            raise APIError(400, "tool_choice required or a function constrains the output already; "
+                                "drop response_format / guided_*", param="tool_choice")
         try:
-            prompt = self.chat.render(messages)
+            prompt = self.chat.render(tools.template_messages(messages), tools=chosen)
         except ChatTemplateError as e:
             raise APIError(400, e.message, param="messages") from e
         ids = self.engine.encode(prompt)
@@ -413,16 +426,23 @@ class Routes:
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs)) for seed in self.seeds(body)]
+        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs, grammar=grammar))
+                 for seed in self.seeds(body)]
         return items, ids
 
     async def _stream_chat(self, run: _Run, head: dict, with_logprobs: bool, include_usage: bool,
-                           lengths: list[int]):
+                           lengths: list[int], with_tools: bool = False):
         extra = {"usage": None} if include_usage else {}
         for c in run.choices:  # the first chunk of each choice carries the role
             yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra}
+        streams = {}  # choice index -> tools.ToolStream
         async for c, ev in run.events():
+            if with_tools:  # content until a tool call may start, the calls whole at the end
+                for delta, finish in tools.stream_deltas(streams, c.index, self.tool_style, ev.text, ev.finish_reason):
+                    yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish}], **extra}
+                continue
             if ev.text or ev.token_ids:
                 lp = self.chat_logprobs(ev.token_ids, ev.logprobs, ev.top_logprobs) if with_logprobs else None
                 yield {**head, "choices": [{"index": c.index, "delta": {"content": ev.text},

@@ -80,6 +80,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per generated token (0..5); None = no logprobs
     prompt_logprobs: int | None = None  # the same for prompt tokens (OpenAI `echo`)
+    grammar: str | None = None  # structured output (lmsys.serve.constrained); None = free
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Request:
     first_token_time: float | None = None
     detok: IncrementalDetokenizer | None = None
     stops: StopChecker | None = None
+    matcher: object = None  # the grammar's parser state (lmsys.serve.constrained) or None
 
     @property
     def tokens(self) -> list[int]:

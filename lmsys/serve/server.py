@@ -77,6 +77,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmsys.serve.api import APIError, EngineFailure, Limits, validation_message
 from lmsys.serve.engine import Engine
 from lmsys.serve.gate import Gate, KeyRing
+from lmsys.serve.embeddings import add_embedding_routes
 from lmsys.serve.routes import Routes, add_routes
 from lmsys.serve.scheduler import GenerationOptions, Request
 
@@ -346,6 +347,7 @@ def create_app(engine: Engine, model_name: str, tokenizer, api_key: str | None =
         return APIError(500, "internal server error; the server logged it", type="server_error").response()
 
     add_routes(app, server)
+    add_embedding_routes(app, server)
 
     @app.get("/health")
     async def health():
