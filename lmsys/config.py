@@ -160,6 +160,17 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a frozen base (lmsys.models.lora): each target
+    projection W becomes W + (alpha / rank) x A @ B, only A and B train (B starts at zero)."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: str = "q,v"  # comma-separated among q, k, v, o, gate, up, down; "all" = all seven
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -170,6 +181,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -302,7 +314,7 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
-    from lmsys.config_checks import check_moe, check_pipeline, check_sequence, check_tensor
+    from lmsys.config_checks import check_lora, check_moe, check_pipeline, check_sequence, check_tensor
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -390,6 +402,7 @@ def validate(cfg: Config) -> None:
     if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
     check_eval(cfg)
+    check_lora(cfg)
 
 
 def check_eval(cfg: Config) -> None:

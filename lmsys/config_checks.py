@@ -103,3 +103,22 @@ def check_pipeline(cfg: Config, stages: int) -> None:
     check_key(rows % m == 0, "pipeline.microbatches", m,
               f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
               f"choose a divisor of {rows} that is >= {stages}")
+
+
+def check_lora(cfg: Config) -> None:
+    """The lora.* keys (with lora.rank > 0)."""
+    from lmsys.models.lora import TARGETS, target_names
+
+    lo = cfg.lora
+    check_key(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = off)")
+    if not lo.rank:
+        return
+    check_key(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (the scale is alpha / rank)")
+    check_key(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "must be in [0, 1)")
+    names = target_names(lo.targets)
+    bad = [t for t in names if t not in TARGETS]
+    check_key(bool(names) and not bad, "lora.targets", lo.targets,
+              f"must be comma-separated among {', '.join(TARGETS)} (or all)")
+    mlp = [t for t in names if t in ("gate", "up", "down")]
+    check_key(not (mlp and cfg.model.n_experts), "lora.targets", lo.targets,
+              f"a mixture-of-experts model has no dense MLP for {', '.join(mlp)}; target q, k, v, o only")
