@@ -348,6 +348,7 @@ class ModelDir:
     step: int | None = None
     hf_config: dict | None = None
     files: object = None
+    base: ModelDir | None = None  # kind "peft" (a PEFT adapter directory): its base model
 
     def _read(self, path) -> bytes:
         return self.files.read(path) if self.files is not None else Path(path).read_bytes()
@@ -360,6 +361,10 @@ class ModelDir:
 
             raise RegistryError(f"{self.name} is registered at step {self.step}, not step {step}")
         step = self.step if step is None else step
+        if self.kind == "peft":
+            from lmsys.interop.peft import merged_params
+
+            return merged_params(self, rules, step)
         if self.kind == "hf":
             from lmsys.interop.hf import load_hf
 
@@ -433,6 +438,10 @@ def open_model(ref: str | Path, registry_uri: str | None = None, *, files=None) 
         return dataclasses.replace(found, name=resolved.name, step=resolved.step,
                                    ref=f"models:/{resolved.name}/{resolved.version}")
     path = Path(ref).expanduser()
+    if (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, merged
+        from lmsys.interop.peft import open_peft
+
+        return open_peft(path, files)
     if (path / "config.yaml").is_file():
         from lmsys.config import config_from_yaml
 

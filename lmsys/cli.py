@@ -5,7 +5,7 @@
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
     lmsys serve RUN_DIR --port 8000 [--api-key KEY | --api-keys FILE] [--max-queue 256]
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
-    lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16]
+    lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16] [--merge]   # a LoRA run: a PEFT adapter dir
     lmsys registry register RUN_DIR --name NAME   # then: alias, list, show, delete
     lmsys serve models:/NAME@ALIAS                # serve and generate take models:/NAME/VERSION too
 """
@@ -155,8 +155,8 @@ def _convert(args) -> int:
         print(f"wrote lmsys checkpoint {out}; try: lmsys generate {out} --prompt 'Hello'")
     else:
         out = lmsys_to_hf(args.src, args.out, dtype=args.dtype, step=args.step,
-                          max_shard_size=int(args.max_shard_size_mb * 2**20))
-        print(f"wrote Hugging Face model {out}")
+                          max_shard_size=int(args.max_shard_size_mb * 2**20), merge=args.merge)
+        print(f"wrote Hugging Face {'PEFT adapter' if (out / 'adapter_config.json').is_file() else 'model'} {out}")
     return 0
 
 
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="to-hf: the dtype of the written tensors")
     p.add_argument("--step", type=int, default=None, help="to-hf: the checkpoint step (default: latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="to-hf of a LoRA run or a PEFT adapter: full weights with the adapters merged in "
+                        "(default for a LoRA run: a PEFT adapter directory)")
     p.add_argument("--max-shard-size-mb", type=float, default=5120,
                    help="to-hf: split model.safetensors into files of at most this size")
     p.set_defaults(func=_convert)

@@ -105,6 +105,20 @@ def check_pipeline(cfg: Config, stages: int) -> None:
               f"choose a divisor of {rows} that is >= {stages}")
 
 
+def check_dpo(cfg: Config) -> None:
+    """DPO (data.format=preference): whole pairs in every microbatch, the full logits."""
+    check_key(cfg.dpo.beta > 0, "dpo.beta", cfg.dpo.beta, "must be positive")
+    if cfg.data.format != "preference":
+        return
+    rows = cfg.batch_size // cfg.grad_accum
+    check_key(rows % 2 == 0, "batch_size", cfg.batch_size,
+              f"DPO needs whole (chosen, rejected) pairs in each of the {cfg.grad_accum} microbatches: "
+              f"make batch_size / grad_accum even")
+    check_key(cfg.loss_chunk == 0, "loss_chunk", cfg.loss_chunk, "must be 0 with data.format=preference (DPO)")
+    check_key(not cfg.model.n_experts, "data.format", cfg.data.format,
+              "DPO on a mixture-of-experts model is not supported (its router losses); use a dense model")
+
+
 def check_lora(cfg: Config) -> None:
     """The lora.* keys (with lora.rank > 0)."""
     from lmsys.models.lora import TARGETS, target_names

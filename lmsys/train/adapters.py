@@ -22,11 +22,24 @@ from lmsys.models import llama, lora
 from lmsys.models.common import ParamSpec
 
 
+# params outside the model's tree that are frozen: DPO's reference for full fine-tuning
+FROZEN_KEYS = ("dpo_reference",)
+
+
+def has_frozen(cfg: Config) -> bool:
+    """Whether a run's params have a frozen part (the LoRA base, DPO's reference copy), which
+    checkpoints leave out and a resume loads again from init_from (or the seed's init)."""
+    return bool(cfg.lora.rank) or cfg.data.format == "preference"
+
+
 def param_specs(cfg: Config) -> dict:
-    """ParamSpecs of a run's params: the model's, with lora.rank > 0 plus the adapters."""
+    """ParamSpecs of a run's params: the model's, with lora.rank > 0 plus the adapters; for DPO
+    without LoRA plus the reference copy."""
     specs = llama.param_specs(cfg.model)
     if cfg.lora.rank:
         specs = lora.with_adapters(specs, lora.param_specs(specs["layers"], cfg.lora))
+    elif cfg.data.format == "preference":
+        specs = {**specs, "dpo_reference": llama.param_specs(cfg.model)}
     return specs
 
 
@@ -64,26 +77,31 @@ def init_params(cfg: Config, seed: int, base: dict | None = None) -> dict:
     else:
         base = jax.tree.map(lambda x: x.astype(jnp.float32), base)
     if not cfg.lora.rank:
-        return base
+        return {**base, "dpo_reference": base} if cfg.data.format == "preference" else base
     specs = lora.param_specs(llama.param_specs(cfg.model)["layers"], cfg.lora)
     return lora.with_adapters(base, lora.init(jax.random.fold_in(key, 1), specs, cfg.lora))
 
 
 def split(params: dict):
-    """(trainable, frozen): without adapters all params train (frozen is None); with adapters
-    only their A and B (a {weight: {"a", "b"}} tree), the rest is frozen."""
+    """(trainable, frozen): without adapters the model's params train (frozen: None, or DPO's
+    reference); with adapters only their A and B (a {weight: {"a", "b"}} tree), the rest is
+    frozen."""
+    ref = {k: params[k] for k in FROZEN_KEYS if k in params}
+    params = {k: v for k, v in params.items() if k not in FROZEN_KEYS}
     adapters = lora.adapters_of(params)
     if adapters is None:
-        return params, None
+        return params, (ref or None)
     trainable = {w: ab for w, ab in adapters.items() if w not in lora.EXTRA}
     frozen = lora.with_adapters(params, {k: v for k, v in adapters.items() if k in lora.EXTRA})
-    return trainable, frozen
+    return trainable, {**frozen, **ref}
 
 
 def join(trainable, frozen) -> dict:
     """The inverse of `split`."""
     if frozen is None:
         return trainable
+    if lora.adapters_of(frozen) is None:  # the model's params train; the frozen part beside them
+        return {**trainable, **frozen}
     return lora.with_adapters(frozen, {**lora.adapters_of(frozen), **trainable})
 
 
@@ -116,7 +134,8 @@ def weights_hash(path: str | Path, step: int | None = None) -> str:
     if (root / "config.yaml").is_file():
         steps = sorted(int(d.name) for d in (root / "checkpoints").iterdir() if d.name.isdigit())
         return checkpoint_hash(root / "checkpoints" / str(steps[-1] if step is None else step))
-    return files_hash(root, [root / "config.json", *sorted(root.glob("*.safetensors"))])
+    return files_hash(root, [p for p in (root / "config.json", root / "adapter_config.json") if p.is_file()]
+                      + sorted(root.glob("*.safetensors")))
 
 
 def base_reference(cfg: Config, step: int | None = None) -> dict:
@@ -162,29 +181,33 @@ def load_base(cfg: Config, shardings=None, rules=None) -> tuple[dict, int | None
     return init(), None
 
 
+def load_adapters(run_dir: Path, cfg: Config, rules=None, step: int | None = None):
+    """(adapters, meta) of a LoRA run's checkpoint: the trained A and B (`split(params)[0]`)."""
+    from lmsys.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
+    try:
+        shardings = None if rules is None else split(rules.tree_shardings(param_axes(cfg), param_shapes(cfg)))[0]
+        return ckpt.restore_params(cfg.model, shardings, step, shapes=split(param_shapes(cfg))[0])
+    finally:
+        ckpt.close()
+
+
 def load_run(run_dir: Path, cfg: Config, rules=None, step: int | None = None, merged: bool = True):
     """(params, meta) of a LoRA run's checkpoint: its base (checked against the recorded
     reference) with the adapters, folded in (`merged`: a plain model, what serving and export
     use) or attached (params["layers"]["lora"])."""
-    from lmsys.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
-    try:
-        step = ckpt._step(step)
-        meta = ckpt.meta(step)
-        saved = meta.get("base")
-        where = f"{ckpt.directory} step {step}"
-        if saved is None:
-            check_base(saved, {}, where)
-        base_cfg = dataclasses.replace(cfg, init_from=saved.get("init_from", ""), seed=saved.get("seed", cfg.seed))
-        base_shardings = None if rules is None else rules.tree_shardings(
-            llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
-        base, base_step = load_base(base_cfg, base_shardings, rules)
-        check_base(saved, base_reference(base_cfg, base_step), where)
-        shapes = split(param_shapes(cfg))[0]
-        shardings = None if rules is None else split(rules.tree_shardings(param_axes(cfg), param_shapes(cfg)))[0]
-        trainable, _ = ckpt.restore_params(cfg.model, shardings, step, shapes=shapes)
-    finally:
-        ckpt.close()
+    trainable, meta = load_adapters(run_dir, cfg, rules, step)
+    saved = meta.get("base")
+    where = f"{Path(run_dir) / 'checkpoints'} step {meta['step']}"
+    if saved is None:
+        check_base(saved, {}, where)
+    base_cfg = dataclasses.replace(cfg, init_from=saved.get("init_from", ""), seed=saved.get("seed", cfg.seed))
+    base_shardings = None if rules is None else rules.tree_shardings(
+        llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
+    base, base_step = load_base(base_cfg, base_shardings, rules)
+    check_base(saved, base_reference(base_cfg, base_step), where)
     params = attach(base, trainable, cfg)
-    return (lora.merge(params) if merged else params), meta
+    if merged:  # laid out as the base
+        params = jax.jit(lora.merge, out_shardings=jax.tree.map(lambda x: x.sharding, base))(params)
+    return params, meta

@@ -27,6 +27,8 @@ from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.distributed import initialize as initialize_distributed
 from lmsys.train.metrics import MetricsWriter, mfu, peak_flops
 from lmsys.train.run_dir import RunDirLock, provenance, resume, save_tokenizer, tokenizer_spec
+from lmsys.train.adapters import has_frozen
+from lmsys.train.dpo import METRICS as DPO_METRICS
 from lmsys.train.step import BATCH_KEYS, Trainer
 
 
@@ -81,7 +83,7 @@ def resolve_init_from(cfg: Config) -> Config:
                           f"(config.yaml + checkpoints/) or a registered model (models:/NAME@ALIAS)")
     src = open_model(ref)
     model = src.config.model
-    if src.kind == "hf":
+    if src.kind in ("hf", "peft"):
         tokenizer = src.config.data.tokenizer if Path(src.config.data.tokenizer).is_file() else None
     else:
         tokenizer = _source_tokenizer(src.config, src.path, path_or_url(cfg.run_dir))
@@ -148,6 +150,13 @@ def load_data(cfg: Config):
     d = cfg.data
     cache_dir = d.cache_dir or None
     tokenizer = tokenizer_for(d, cfg.model.vocab_size)
+    if d.format == "preference":
+        from lmsys.data.chat_template import load_chat_template
+        from lmsys.data.preference import build_preference_dataset
+
+        return build_preference_dataset(d.source, tokenizer, load_chat_template(d.tokenizer), cfg.seq_len,
+                                        cfg.seed, tokenizer_spec=d.tokenizer, max_pairs=d.max_documents,
+                                        cache_dir=cache_dir, shuffle=d.shuffle)
     if d.format == "chat":
         from lmsys.data.chat_template import load_chat_template
 
@@ -223,7 +232,7 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     base = base_ref = None
-    if cfg.lora.rank:  # the frozen base: init_from's weights or the seed's init, and what it is
+    if has_frozen(cfg):  # the LoRA base / DPO reference: init_from's weights or the seed's init
         from lmsys.train.adapters import base_reference, load_base
 
         base, base_step = load_base(cfg, trainer.base_shardings, rules)
@@ -286,7 +295,8 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                     record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
                               "learning_rate": m["learning_rate"], "tokens_per_second": tps,
                               "mfu": mfu(tps, flops_per_token, mesh.size, peak),
-                              "nonfinite_streak": int(m["nonfinite_streak"])}
+                              "nonfinite_streak": int(m["nonfinite_streak"]),
+                              **{k: m[k] for k in DPO_METRICS if k in m}}
                     if bar:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 evaluated, eval_seconds = _evaluate(evaluator, cfg, state, step)

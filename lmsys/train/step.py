@@ -24,7 +24,7 @@ from lmsys.parallel import Rules
 from lmsys.parallel.context import to_load_balanced
 from lmsys.parallel.fsdp import fsdp_gather
 from lmsys.parallel.mesh import zero1_table
-from lmsys.train import adapters
+from lmsys.train import adapters, dpo
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -232,6 +232,8 @@ class Trainer:
     def _loss_sums(self, params, batch):
         if self.rules.sequence_load_balance:  # every token-wise input alike; the loss is a sum
             batch = {k: to_load_balanced(v, self.rules.mesh.shape["sequence"]) for k, v in batch.items()}
+        if self.cfg.data.format == "preference":  # DPO over pairs of rows (lmsys.train.dpo)
+            return dpo.loss_sums(self._logits, params, batch, self.cfg.dpo.beta)
         chunk = self.cfg.loss_chunk
         chunked = 0 < chunk < self.cfg.seq_len
         out_BTX, aux = llama.forward(
@@ -249,6 +251,10 @@ class Trainer:
         if router:
             objective = loss_sum + sum(getattr(self.cfg.model, ROUTER_LOSSES[k]) * v for k, v in router.items())
         return objective, (loss_sum, n, router)
+
+    def _logits(self, params, batch):
+        return llama.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             cfg=self.cfg.model, rules=self.rules, dtype=self.dtype, remat=self.cfg.remat)[0]
 
     def _chunked_loss_sums(self, params, x_BTD, targets_BT, mask_BT, chunk: int):
         """`loss_sums` of the final hidden states, `chunk` positions at a time (`chunked_loss_sums`)
@@ -292,7 +298,9 @@ class Trainer:
                                            (None, "batch", "seq"))
                    for k, v in batch.items()}
             zeros = jax.tree.map(jnp.zeros_like, params)
-            router0 = {k: jnp.zeros((), jnp.float32) for k in ROUTER_LOSSES} if self.cfg.model.n_experts else {}
+            extra = dpo.METRICS if self.cfg.data.format == "preference" else (
+                ROUTER_LOSSES if self.cfg.model.n_experts else ())
+            router0 = {k: jnp.zeros((), jnp.float32) for k in extra}
             (g, (loss_sum, n, router)), _ = jax.lax.scan(micro, (zeros, (0.0, 0.0, router0)),
                                                          (mbs, jnp.arange(M)))
         n = jnp.maximum(n, 1.0)
