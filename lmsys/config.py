@@ -168,6 +168,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input, in training only
     targets: str = "q,v"  # comma-separated among q, k, v, o, gate, up, down; "all" = all seven
+    base_quantize: str = ""  # "" | int8 | fp8: the frozen base's matrices stored so (QLoRA-style)
 
 
 @dataclass

@@ -125,6 +125,8 @@ def check_lora(cfg: Config) -> None:
 
     lo = cfg.lora
     check_key(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = off)")
+    check_key(lo.rank > 0 or not lo.base_quantize, "lora.base_quantize", lo.base_quantize,
+              "quantizes the frozen base of LoRA training: set lora.rank > 0")
     if not lo.rank:
         return
     check_key(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (the scale is alpha / rank)")
@@ -133,6 +135,8 @@ def check_lora(cfg: Config) -> None:
     bad = [t for t in names if t not in TARGETS]
     check_key(bool(names) and not bad, "lora.targets", lo.targets,
               f"must be comma-separated among {', '.join(TARGETS)} (or all)")
+    check_key(lo.base_quantize in ("", "int8", "fp8"), "lora.base_quantize", lo.base_quantize,
+              "must be '' (off), int8 or fp8")
     mlp = [t for t in names if t in ("gate", "up", "down")]
     check_key(not (mlp and cfg.model.n_experts), "lora.targets", lo.targets,
               f"a mixture-of-experts model has no dense MLP for {', '.join(mlp)}; target q, k, v, o only")

@@ -158,7 +158,7 @@ REMAT_POLICIES = {
 
 
 def _is_quantized(w) -> bool:
-    return hasattr(w, "qvalue")  # a qwix QArray (lmsys.serve.quantize)
+    return hasattr(w, "qvalue")  # a qwix QArray (lmsys.models.quantize)
 
 
 def materialize(tree, dtype):

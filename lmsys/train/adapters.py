@@ -78,8 +78,19 @@ def init_params(cfg: Config, seed: int, base: dict | None = None) -> dict:
         base = jax.tree.map(lambda x: x.astype(jnp.float32), base)
     if not cfg.lora.rank:
         return {**base, "dpo_reference": base} if cfg.data.format == "preference" else base
+    if cfg.lora.base_quantize:  # the frozen matrices int8/fp8 (qwix QArrays), dequantized per layer
+        from lmsys.models.quantize import quantize_params
+
+        base = quantize_params(base, cfg.lora.base_quantize)
     specs = lora.param_specs(llama.param_specs(cfg.model)["layers"], cfg.lora)
     return lora.with_adapters(base, lora.init(jax.random.fold_in(key, 1), specs, cfg.lora))
+
+
+def shardings(rules, cfg: Config, abstract: dict) -> dict:
+    """Shardings of a run's params by the rule table; `abstract`: their shapes (a quantized
+    matrix is a QArray: its values and scales laid out by the matrix's axes)."""
+    return jax.tree.map(lambda axes, s: jax.tree.map(lambda x: rules.sharding(axes, x.shape), s),
+                        param_axes(cfg), abstract, is_leaf=lambda t: isinstance(t, tuple))
 
 
 def split(params: dict):

@@ -161,7 +161,7 @@ class Trainer:
         self.schedule = lr_schedule(cfg.optimizer, cfg.steps)
         # with lora.rank > 0 the optimizer sees the adapters only (lmsys.train.adapters)
         self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, adapters.decay_mask(cfg))
-        self.param_shardings = rules.tree_shardings(adapters.param_axes(cfg), adapters.param_shapes(cfg))
+        self.param_shardings = adapters.shardings(rules, cfg, jax.eval_shape(lambda: adapters.init_params(cfg, cfg.seed)))
         self.base_shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
         # Input rows arrive whole on each device of their batch shard (each process loads whole
         # rows); inside the model activations split the sequence over `sequence`.
