@@ -61,8 +61,13 @@ def _engine(args, max_slots: int, batch_invariant: bool = False):
                           prefill_tokens=args.prefill_tokens,
                           batch_invariant=batch_invariant, dtype=model.config.dtype,
                           quantize=args.quantize)
+    bank = None
+    if getattr(args, "lora", None):  # `lmsys serve --lora NAME=PATH`: adapters on the base
+        from lmsys.serve.lora import adapter_bank
+
+        bank = adapter_bank(args.lora, args.max_loras, model.config.model)
     return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
-                         eos_token_id=model.eos_token_id)
+                         eos_token_id=model.eos_token_id, adapters=bank)
 
 
 def _serving_rules(data: int, tensor: int):
@@ -236,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     _engine_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter (a LoRA run, a PEFT adapter dir or models:/NAME@ALIAS) beside "
+                        "the base; a request's `model` NAME picks it (repeatable)")
+    p.add_argument("--max-loras", type=int, default=0,
+                   help="adapter slots (0 = the number of --lora); the bank's shapes are fixed at start-up")
     p.add_argument("--api-key", default=os.environ.get("LMSYS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LMSYS_API_KEY; none = open)")
     p.add_argument("--api-keys", default=None, metavar="FILE",

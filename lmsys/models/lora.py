@@ -26,7 +26,8 @@ import jax.numpy as jnp
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
 # the base weight's input dims (after the layer axis); the rest are its output dims
 IN_DIMS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
-EXTRA = ("scale", "dropout_key", "dropout_rate")  # the lora subtree's leaves that are not adapters
+# the lora subtree's leaves that are not adapters; "rows": a serving bank's slot per row
+EXTRA = ("scale", "dropout_key", "dropout_rate", "rows")
 
 
 def target_names(text: str) -> list[str]:
@@ -114,6 +115,12 @@ def add(y, adapters, name: str, x):
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
     k = IN_DIMS[name]
+    if "rows" in adapters:  # a bank of adapters (lmsys.serve.lora): row b uses slot rows[b]
+        rows = adapters["rows"]
+        a, b, scale = a[rows], b[rows], adapters["scale"][rows]  # [B, in..., r], [B, r, out...], [B]
+        ins, outs = "ijk"[:k], "mno"[:b.ndim - 2]
+        z = jnp.einsum(f"bt{ins},b{ins}r->btr", x, a) * scale[:, None, None].astype(x.dtype)
+        return y + jnp.einsum(f"btr,br{outs}->bt{outs}", z, b).astype(y.dtype)
     z = jnp.tensordot(x, a, axes=k)  # [..., r]
     z = z * adapters["scale"].astype(z.dtype)
     return y + jnp.tensordot(z, b, axes=1).astype(y.dtype)

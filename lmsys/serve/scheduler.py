@@ -80,6 +80,7 @@ class GenerationOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per generated token (0..5); None = no logprobs
     prompt_logprobs: int | None = None  # the same for prompt tokens (OpenAI `echo`)
+    adapter: str = ""  # the LoRA adapter (lmsys.serve.lora) the request runs with; "" = the base
 
 
 @dataclass
