@@ -331,7 +331,8 @@ class ModelDir:
     """A model reference, opened without reading its weights.
 
     kind "run": an lmsys run directory (config.yaml + checkpoints/, from `lmsys train` or `lmsys
-    convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors).
+    convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors); "peft": a
+    PEFT LoRA adapter directory, its `base` with the adapter merged in (lmsys.interop.peft).
     `config` holds the model and data.tokenizer (a run's whole saved config), the tokenizer as a
     path that exists where one does: a run's own copy (RUN_DIR/tokenizer.json, written when the
     run started) first, so a run directory copied to another machine serves with its own

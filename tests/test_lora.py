@@ -28,8 +28,17 @@ MESHES = {  # name: (mesh, devices, extra top-level keys)
 }
 
 
+_FORWARDS = {}
+
+
 def _forward(params, batch, cfg):
-    return llama.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg.model)[0]
+    """The logits, jitted once per model config (eager ops would each compile)."""
+    key = repr(cfg.model)
+    if key not in _FORWARDS:
+        model = cfg.model
+        _FORWARDS[key] = jax.jit(lambda p, b: llama.forward(p, b["tokens"], b["positions"], b["segment_ids"],
+                                                            cfg=model)[0])
+    return _FORWARDS[key](params, batch)
 
 
 def _random_b(params, seed=1):
@@ -239,7 +248,7 @@ def test_int8_base_trains_in_half_the_bytes():
         state, metrics = trainer.step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[1] < losses[0]
-    params = llama.materialize(state["params"], jnp.float32)
+    params = jax.jit(llama.materialize, static_argnums=1)(state["params"], jnp.float32)
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(_forward(params, batch, cfg), _forward(lora.merge(params), batch, cfg),
                                    atol=1e-5, rtol=0)

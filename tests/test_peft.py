@@ -97,3 +97,36 @@ def test_peft_adapter_loads_in_lmsys_with_peft_logits(hf_dir, tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(saved))
     with pytest.raises(ConversionError, match="use_dora = True is not supported"):
         load_model(out)
+
+
+def test_lora_flag_loads_runs_and_peft_dirs_and_init_from_takes_an_adapter(hf_dir, lora_run, tmp_path):
+    from lmsys.models import lora
+    from lmsys.serve.lora import adapter_bank
+    from lmsys.train.loop import load_data, resolve_init_from, train
+    from lmsys.train.step import loss_sums
+
+    loaded = load_model(hf_dir)
+    out = tmp_path / "adapter"
+    lmsys_to_hf(lora_run, out)
+    bank = adapter_bank([f"run={lora_run}", f"peft={out}"], 0, loaded.config.model)
+    assert bank.names == {"run": 1, "peft": 2} and bank.rank == 4
+    for slot in (1, 2):  # the bank's slot = the run's adapters, whichever way they came
+        slot_adapters = {w: {ab: v[ab][:, slot] for ab in "ab"} if w != "scale" else v[:, slot]
+                         for w, v in bank.arrays.items()}
+        merged = lora.merge(lora.with_adapters(loaded.params, slot_adapters))
+        positions = np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape)
+        with jax.default_matmul_precision("highest"):
+            logits = np.asarray(llama.forward(merged, TOKENS, positions, cfg=loaded.config.model)[0])
+        np.testing.assert_allclose(logits, _lmsys_logits(lora_run), atol=1e-5, rtol=0)
+
+    # init_from a PEFT adapter: a fine-tune starting from its base with the adapter merged in
+    cfg = _ft_config(out, tmp_path, steps=1, run_dir=str(tmp_path / "from_adapter"))
+    resolved = resolve_init_from(cfg)
+    assert resolved.model == loaded.config.model and resolved.init_from == str(out.absolute())
+    (h,) = train(cfg, progress=False)
+    batch = load_data(resolved).batch(0, cfg.batch_size)
+    start = load_model(out)
+    logits = llama.forward(start.params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                           cfg=resolved.model)[0]
+    total, n = loss_sums(logits, batch["targets"], batch["loss_mask"])
+    np.testing.assert_allclose(h["loss"], float(total / n), rtol=1e-4)
