@@ -120,6 +120,10 @@ def test_lora_config_errors():
         tiny_config(lora={"rank": -1})
     with pytest.raises(ConfigError, match="'lora.dropout' = 1.0"):
         tiny_config(lora={"rank": 4, "dropout": 1.0})
+    with pytest.raises(ConfigError, match="'lora.base_quantize' = 'int8': quantizes the frozen base of LoRA"):
+        tiny_config(lora={"base_quantize": "int8"})
+    with pytest.raises(ConfigError, match="'lora.base_quantize' = 'int4': must be '' \\(off\\), int8 or fp8"):
+        tiny_config(lora={"rank": 4, "base_quantize": "int4"})
     with pytest.raises(ConfigError, match="mixture-of-experts model has no dense MLP for gate"):
         tiny_config(lora={"rank": 4, "targets": "q,gate"}, model={"n_experts": 4, "experts_per_token": 2})
 
