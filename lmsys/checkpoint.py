@@ -204,15 +204,16 @@ class Checkpointer:
         self.manager.reload()
         return dst.name
 
-    def restore_params(self, model: ModelConfig, shardings=None, step: int | None = None):
+    def restore_params(self, model: ModelConfig, shardings=None, step: int | None = None, shapes=None):
         """Only the parameters (no optimizer state), placed on `shardings` (a pytree like the
-        params; default: the first device). Returns (params, meta)."""
+        params; default: the first device). Returns (params, meta). `shapes`: of the saved params
+        (default: `model`'s; a LoRA run's adapters, lmsys.train.adapters)."""
         from lmsys.models import llama
 
         step = self._step(step)
         meta = self.meta(step)
         check_model(meta.get("model", {}), model, f"{self.directory} step {step}")
-        shapes = llama.param_shapes(model)
+        shapes = llama.param_shapes(model) if shapes is None else shapes
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, shapes)
@@ -294,13 +295,19 @@ def load_run(run_dir: str | Path, rules=None, step: int | None = None):
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not an lmsys run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    params, meta = _restore_run_params(run_dir, cfg.model, rules, step)
+    params, meta = _restore_run_params(run_dir, cfg, rules, step)
     return cfg, params, meta
 
 
-def _restore_run_params(run_dir: Path, model: ModelConfig, rules, step: int | None):
+def _restore_run_params(run_dir: Path, cfg: Config, rules, step: int | None):
+    """A run's params; a LoRA run's (lora.rank > 0) are its base with the adapters merged in."""
     if not (run_dir / "checkpoints").is_dir():
         raise CheckpointError(f"{run_dir} has no checkpoints/ yet; train or convert into it first")
+    if cfg.lora.rank:
+        from lmsys.train.adapters import load_run as load_lora_run
+
+        return load_lora_run(run_dir, cfg, rules, step)
+    model = cfg.model
     ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
         return ckpt.restore_params(model, _param_shardings(model, rules), step)
@@ -324,7 +331,8 @@ class ModelDir:
     """A model reference, opened without reading its weights.
 
     kind "run": an lmsys run directory (config.yaml + checkpoints/, from `lmsys train` or `lmsys
-    convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors).
+    convert from-hf`); "hf": a Hugging Face model directory (config.json + safetensors); "peft": a
+    PEFT LoRA adapter directory, its `base` with the adapter merged in (lmsys.interop.peft).
     `config` holds the model and data.tokenizer (a run's whole saved config), the tokenizer as a
     path that exists where one does: a run's own copy (RUN_DIR/tokenizer.json, written when the
     run started) first, so a run directory copied to another machine serves with its own
@@ -341,6 +349,7 @@ class ModelDir:
     step: int | None = None
     hf_config: dict | None = None
     files: object = None
+    base: ModelDir | None = None  # kind "peft" (a PEFT adapter directory): its base model
 
     def _read(self, path) -> bytes:
         return self.files.read(path) if self.files is not None else Path(path).read_bytes()
@@ -353,13 +362,17 @@ class ModelDir:
 
             raise RegistryError(f"{self.name} is registered at step {self.step}, not step {step}")
         step = self.step if step is None else step
+        if self.kind == "peft":
+            from lmsys.interop.peft import merged_params
+
+            return merged_params(self, rules, step)
         if self.kind == "hf":
             from lmsys.interop.hf import load_hf
 
             params, _ = load_hf(self.path, _param_shardings(self.config.model, rules))
             return params, 0
         try:
-            params, meta = _restore_run_params(self.path, self.config.model, rules, step)
+            params, meta = _restore_run_params(self.path, self.config, rules, step)
         except Exception:
             if self.files is not None:
                 self.files.verify_weights()  # a changed checkpoint says so, not a read error
@@ -426,6 +439,10 @@ def open_model(ref: str | Path, registry_uri: str | None = None, *, files=None) 
         return dataclasses.replace(found, name=resolved.name, step=resolved.step,
                                    ref=f"models:/{resolved.name}/{resolved.version}")
     path = Path(ref).expanduser()
+    if (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, merged
+        from lmsys.interop.peft import open_peft
+
+        return open_peft(path, files)
     if (path / "config.yaml").is_file():
         from lmsys.config import config_from_yaml
 

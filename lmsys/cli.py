@@ -5,7 +5,7 @@
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
     lmsys serve RUN_DIR --port 8000 [--api-key KEY | --api-keys FILE] [--max-queue 256]
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
-    lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16]
+    lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16] [--merge]   # a LoRA run: a PEFT adapter dir
     lmsys registry register RUN_DIR --name NAME   # then: alias, list, show, delete
     lmsys serve models:/NAME@ALIAS                # serve and generate take models:/NAME/VERSION too
 """
@@ -62,8 +62,13 @@ def _engine(args, max_slots: int, batch_invariant: bool = False, fine_prefill_wi
                           batch_invariant=batch_invariant, fine_prefill_widths=fine_prefill_widths,
                           dtype=model.config.dtype,
                           quantize=args.quantize)
+    bank = None
+    if getattr(args, "lora", None):  # `lmsys serve --lora NAME=PATH`: adapters on the base
+        from lmsys.serve.lora import adapter_bank
+
+        bank = adapter_bank(args.lora, args.max_loras, model.config.model)
     return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
-                         eos_token_id=model.eos_token_id)
+                         eos_token_id=model.eos_token_id, adapters=bank)
 
 
 def _serving_rules(data: int, tensor: int):
@@ -157,8 +162,8 @@ def _convert(args) -> int:
         print(f"wrote lmsys checkpoint {out}; try: lmsys generate {out} --prompt 'Hello'")
     else:
         out = lmsys_to_hf(args.src, args.out, dtype=args.dtype, step=args.step,
-                          max_shard_size=int(args.max_shard_size_mb * 2**20))
-        print(f"wrote Hugging Face model {out}")
+                          max_shard_size=int(args.max_shard_size_mb * 2**20), merge=args.merge)
+        print(f"wrote Hugging Face {'PEFT adapter' if (out / 'adapter_config.json').is_file() else 'model'} {out}")
     return 0
 
 
@@ -238,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     _engine_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter (a LoRA run, a PEFT adapter dir or models:/NAME@ALIAS) beside "
+                        "the base; a request's `model` NAME picks it (repeatable)")
+    p.add_argument("--max-loras", type=int, default=0,
+                   help="adapter slots (0 = the number of --lora); the bank's shapes are fixed at start-up")
     p.add_argument("--api-key", default=os.environ.get("LMSYS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LMSYS_API_KEY; none = open)")
     p.add_argument("--api-keys", default=None, metavar="FILE",
@@ -277,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="to-hf: the dtype of the written tensors")
     p.add_argument("--step", type=int, default=None, help="to-hf: the checkpoint step (default: latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="to-hf of a LoRA run or a PEFT adapter: full weights with the adapters merged in "
+                        "(default for a LoRA run: a PEFT adapter directory)")
     p.add_argument("--max-shard-size-mb", type=float, default=5120,
                    help="to-hf: split model.safetensors into files of at most this size")
     p.set_defaults(func=_convert)

@@ -160,6 +160,25 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a frozen base (lmsys.models.lora): each target
+    projection W becomes W + (alpha / rank) x A @ B, only A and B train (B starts at zero)."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: str = "q,v"  # comma-separated among q, k, v, o, gate, up, down; "all" = all seven
+    base_quantize: str = ""  # "" | int8 | fp8: the frozen base's matrices stored so (QLoRA-style)
+
+
+@dataclass
+class DpoConfig:
+    """Direct Preference Optimization (lmsys.train.dpo), the objective with data.format=preference."""
+
+    beta: float = 0.1  # the KL penalty: rewards are beta x (policy - reference) log-probs
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -170,6 +189,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -196,7 +217,7 @@ SEQUENCE_METHODS = ("ring", "allgather")
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
-DATA_FORMATS = ("text", "chat")
+DATA_FORMATS = ("text", "chat", "preference")
 
 
 # ----------------------------------------------------------------------------- building
@@ -302,7 +323,7 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
-    from lmsys.config_checks import check_moe, check_pipeline, check_sequence, check_tensor
+    from lmsys.config_checks import check_dpo, check_lora, check_moe, check_pipeline, check_sequence, check_tensor
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -357,9 +378,10 @@ def validate(cfg: Config) -> None:
     check_key(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
     check_key(cfg.data.format in DATA_FORMATS, "data.format", cfg.data.format,
               f"must be one of {', '.join(DATA_FORMATS)}")
-    check_key(cfg.data.format != "chat" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
+    check_key(cfg.data.format == "text" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
               "data.tokenizer", cfg.data.tokenizer,
-              "data.format=chat needs the model's tokenizer: set init_from=MODEL_DIR or data.tokenizer=PATH")
+              f"data.format={cfg.data.format} needs the model's tokenizer: set init_from=MODEL_DIR or "
+              f"data.tokenizer=PATH")
 
     dist = cfg.distributed
     check_key(dist.num_processes >= 0, "distributed.num_processes", dist.num_processes, "must be >= 0 (0 = auto)")
@@ -390,6 +412,8 @@ def validate(cfg: Config) -> None:
     if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
     check_eval(cfg)
+    check_lora(cfg)
+    check_dpo(cfg)
 
 
 def check_eval(cfg: Config) -> None:

@@ -103,3 +103,40 @@ def check_pipeline(cfg: Config, stages: int) -> None:
     check_key(rows % m == 0, "pipeline.microbatches", m,
               f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
               f"choose a divisor of {rows} that is >= {stages}")
+
+
+def check_dpo(cfg: Config) -> None:
+    """DPO (data.format=preference): whole pairs in every microbatch, the full logits."""
+    check_key(cfg.dpo.beta > 0, "dpo.beta", cfg.dpo.beta, "must be positive")
+    if cfg.data.format != "preference":
+        return
+    rows = cfg.batch_size // cfg.grad_accum
+    check_key(rows % 2 == 0, "batch_size", cfg.batch_size,
+              f"DPO needs whole (chosen, rejected) pairs in each of the {cfg.grad_accum} microbatches: "
+              f"make batch_size / grad_accum even")
+    check_key(cfg.loss_chunk == 0, "loss_chunk", cfg.loss_chunk, "must be 0 with data.format=preference (DPO)")
+    check_key(not cfg.model.n_experts, "data.format", cfg.data.format,
+              "DPO on a mixture-of-experts model is not supported (its router losses); use a dense model")
+
+
+def check_lora(cfg: Config) -> None:
+    """The lora.* keys (with lora.rank > 0)."""
+    from lmsys.models.lora import TARGETS, target_names
+
+    lo = cfg.lora
+    check_key(lo.rank >= 0, "lora.rank", lo.rank, "must be >= 0 (0 = off)")
+    check_key(lo.rank > 0 or not lo.base_quantize, "lora.base_quantize", lo.base_quantize,
+              "quantizes the frozen base of LoRA training: set lora.rank > 0")
+    if not lo.rank:
+        return
+    check_key(lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (the scale is alpha / rank)")
+    check_key(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "must be in [0, 1)")
+    names = target_names(lo.targets)
+    bad = [t for t in names if t not in TARGETS]
+    check_key(bool(names) and not bad, "lora.targets", lo.targets,
+              f"must be comma-separated among {', '.join(TARGETS)} (or all)")
+    check_key(lo.base_quantize in ("", "int8", "fp8"), "lora.base_quantize", lo.base_quantize,
+              "must be '' (off), int8 or fp8")
+    mlp = [t for t in names if t in ("gate", "up", "down")]
+    check_key(not (mlp and cfg.model.n_experts), "lora.targets", lo.targets,
+              f"a mixture-of-experts model has no dense MLP for {', '.join(mlp)}; target q, k, v, o only")

@@ -83,7 +83,8 @@ def _decode_rows(n, pages):
     """The inputs of one decode call of `n` padding rows (to trace or lower it)."""
     z = np.zeros(n, np.int32)
     sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32), np.zeros(n, np.uint32), z)
-    return z, z - 1, np.zeros((n, pages), np.int32), sampling, np.zeros(n, bool), all_allowed(n, VOCAB)
+    return (z, z - 1, np.zeros((n, pages), np.int32), sampling, np.zeros(n, bool), all_allowed(n, VOCAB),
+            z)  # z: LoRA slots
 
 
 def _run_staggered(engine, prompts, max_tokens, each_step=lambda: None):

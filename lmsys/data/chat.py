@@ -48,14 +48,12 @@ _ENCODE_CHUNK = 256
 # ----------------------------------------------------------------------------- reading
 
 
-def iter_conversations(source: str, max_conversations: int = 0) -> Iterator[tuple[str, list[dict]]]:
-    """(where, messages) for each conversation of the .jsonl files of `source` (comma-separated
-    files/directories), checked: a non-empty list of {role, content} with string values."""
-    count = 0
+def iter_jsonl(source: str, what: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for each non-empty line of the .jsonl files of `source` (comma-separated
+    files/directories); `what` names the format in errors."""
     for path in source_files(source):
         if not path.endswith(".jsonl"):
-            raise ValueError(f"data.format=chat reads .jsonl files with a 'messages' field; "
-                             f"{path} is not one (data.source={source!r})")
+            raise ValueError(f"data.format={what} reads .jsonl files; {path} is not one (data.source={source!r})")
         with open(path, "rb") as f:
             for line_number, raw in enumerate(f, start=1):
                 line = raw.decode("utf-8", errors="replace")
@@ -63,22 +61,29 @@ def iter_conversations(source: str, max_conversations: int = 0) -> Iterator[tupl
                     continue
                 where = f"{path}:{line_number}"
                 try:
-                    record = json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-                messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list) or not messages:
-                    raise ValueError(f"{where}: expected an object with a non-empty 'messages' list")
-                for m in messages:
-                    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                            and isinstance(m.get("content"), str)):
-                        raise ValueError(  # noqa: TRY004 - bad data, not a bad argument
-                            f"{where}: each message needs string 'role' and 'content', "
-                            f"got {str(m)[:80]}")
-                yield where, [{"role": m["role"], "content": m["content"]} for m in messages]
-                count += 1
-                if max_conversations and count >= max_conversations:
-                    return
+
+
+def iter_conversations(source: str, max_conversations: int = 0) -> Iterator[tuple[str, list[dict]]]:
+    """(where, messages) for each conversation of the .jsonl files of `source` (comma-separated
+    files/directories), checked: a non-empty list of {role, content} with string values."""
+    count = 0
+    for where, record in iter_jsonl(source, "chat"):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: expected an object with a non-empty 'messages' list")
+        for m in messages:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(  # noqa: TRY004 - bad data, not a bad argument
+                    f"{where}: each message needs string 'role' and 'content', "
+                    f"got {str(m)[:80]}")
+        yield where, [{"role": m["role"], "content": m["content"]} for m in messages]
+        count += 1
+        if max_conversations and count >= max_conversations:
+            return
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -54,17 +54,29 @@ def hf_to_lmsys(hf_dir: str | Path, out_dir: str | Path, rules=None) -> Path:
 
 
 def lmsys_to_hf(src: str | Path, out_dir: str | Path, dtype: str = "float32", step: int | None = None,
-                max_shard_size: int = 5 * 2**30, rules=None) -> Path:
+                max_shard_size: int = 5 * 2**30, rules=None, merge: bool = False) -> Path:
     """`lmsys convert to-hf`: an HF directory from any model `lmsys.checkpoint.open_model` reads
     (a training run directory, the output of `convert from-hf`, a registered `models:/` model),
     with its tokenizer files; the source's hf_config.json (from `convert from-hf`) restores the
-    fields lmsys does not model."""
+    fields lmsys does not model. A LoRA run gives a PEFT adapter directory
+    (lmsys.interop.peft), or with `merge` the full weights with its adapters merged in (as does a
+    PEFT adapter directory, which needs `merge`)."""
     from lmsys.checkpoint import open_model
     from lmsys.config import MeshConfig
     from lmsys.data.tokenizer import BUILTIN
     from lmsys.parallel import Rules, build_mesh
 
     found = open_model(src)
+    if merge and not (found.kind == "peft" or found.config.lora.rank):
+        raise ConversionError(f"{src} has no LoRA adapters: --merge merges those of a LoRA run or a PEFT "
+                              f"adapter directory into its base; leave it out")
+    if found.kind == "peft" and not merge:
+        raise ConversionError(f"{src} is a PEFT adapter directory already; --merge writes its base with "
+                              f"the adapter merged in")
+    if found.config.lora.rank and not merge:
+        from lmsys.interop.peft import export_lora_run
+
+        return export_lora_run(found, out_dir, step)
     tok_spec = found.config.data.tokenizer
     if tok_spec != BUILTIN and not Path(tok_spec).is_file():
         raise ConversionError(f"tokenizer {tok_spec!r} of {found.ref} does not exist; copy its "

@@ -65,8 +65,13 @@ def checkpoint_hash(step_dir: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 over a checkpoint step directory: each file's relative path (sorted), size and
     bytes, streamed."""
     root = Path(step_dir)
+    return files_hash(root, [p for p in root.rglob("*") if p.is_file()], chunk)
+
+
+def files_hash(root: Path, paths, chunk: int = 1 << 20) -> str:
+    """sha256 over files under `root`: each one's relative path (sorted), size and bytes."""
     h = hashlib.sha256()
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    files = sorted((p.relative_to(root).as_posix(), p) for p in paths)
     for rel, p in files:
         h.update(rel.encode() + b"\0" + p.stat().st_size.to_bytes(8, "little"))
         with p.open("rb") as f:

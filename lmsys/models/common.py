@@ -20,8 +20,12 @@ def constrain(rules, x, axes):
     return x if rules is None else rules.constrain(x, axes)
 
 
-def swiglu(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules):
-    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w_gate_DF)
-    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w_up_DF)
+def swiglu(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules, adapters=None):
+    """adapters: a layer's LoRA adapters (lmsys.models.lora), whose w_gate/w_up/w_down terms are
+    added; None: none."""
+    from lmsys.models.lora import add
+
+    gate_BTF = add(jnp.einsum("btd,df->btf", h_BTD, w_gate_DF), adapters, "w_gate", h_BTD)
+    up_BTF = add(jnp.einsum("btd,df->btf", h_BTD, w_up_DF), adapters, "w_up", h_BTD)
     hidden_BTF = constrain(rules, jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    return jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD)
+    return add(jnp.einsum("btf,fd->btd", hidden_BTF, w_down_FD), adapters, "w_down", hidden_BTF)

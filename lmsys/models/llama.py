@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lmsys.config import ModelConfig
+from lmsys.models import lora
 from lmsys.models.attention import layer_attention
 from lmsys.models.common import ParamSpec, constrain, swiglu
 from lmsys.models.moe import moe_mlp, moe_param_specs, router_losses
@@ -159,7 +160,7 @@ REMAT_POLICIES = {
 
 
 def _is_quantized(w) -> bool:
-    return hasattr(w, "qvalue")  # a qwix QArray (lmsys.serve.quantize)
+    return hasattr(w, "qvalue")  # a qwix QArray (lmsys.models.quantize)
 
 
 def materialize(tree, dtype):
@@ -182,13 +183,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
             "page_table": jnp.arange(batch, dtype=jnp.int32)[:, None]}
 
 
+def _layer_axes(cfg: ModelConfig) -> dict:
+    return jax.tree.map(lambda a: a[1:], param_axes(cfg)["layers"], is_leaf=lambda t: isinstance(t, tuple))
+
+
 def _gather_layer(lp, cfg: ModelConfig, rules, dtype):
     """One layer's parameters in the compute dtype, all-gathered over `fsdp` (still split over
     tensor/expert). Inside a rematerialized layer this is the one gather per pass that the
     recomputed forward and the backward share, and its transpose is one reduce-scatter of the
     gradients in the compute dtype; left implicit, the partitioner gathers per matmul use."""
-    axes = jax.tree.map(lambda a: a[1:], param_axes(cfg)["layers"], is_leaf=lambda t: isinstance(t, tuple))
-    return jax.tree.map(lambda w, a: fsdp_gather(w, rules, a), materialize(lp, dtype), axes,
+    return jax.tree.map(lambda w, a: fsdp_gather(w, rules, a), materialize(lp, dtype), _layer_axes(cfg),
                         is_leaf=lambda t: isinstance(t, tuple))
 
 
@@ -200,13 +204,15 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     residual stream; "residual": the stream after the block). `gather`: all-gather the layer's
     fsdp-split parameters once up front (`_gather_layer`)."""
     dtype = x_BTD.dtype
+    lp, ad = lora.split_layer(lp)  # the low-rank adapters (lmsys.models.lora), if any
+    ad = lora.prepare(ad, dtype, _layer_axes(cfg), rules if gather else None)
     lp = _gather_layer(lp, cfg, rules, dtype) if gather else materialize(lp, dtype)
     act = ("batch", "seq", None)
 
     h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, lp["wq"])
-    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, lp["wk"])
-    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, lp["wv"])
+    q_BTNH = lora.add(jnp.einsum("btd,dnh->btnh", h_BTD, lp["wq"]), ad, "wq", h_BTD)
+    k_BTKH = lora.add(jnp.einsum("btd,dkh->btkh", h_BTD, lp["wk"]), ad, "wk", h_BTD)
+    v_BTKH = lora.add(jnp.einsum("btd,dkh->btkh", h_BTD, lp["wv"]), ad, "wv", h_BTD)
     if cfg.qkv_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + lp["bq"], k_BTKH + lp["bk"], v_BTKH + lp["bv"]
     if cfg.qk_norm:  # per head, over head_dim, before RoPE (HF Qwen3Attention)
@@ -222,7 +228,7 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     o_BTNH, kv = layer_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
                                  positions_BT=positions_BT, kv=kv, layer=layer,
                                  page_table_BP=page_table_BP, impl=cfg.attention_impl, rules=rules)
-    attn_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, lp["wo"])
+    attn_BTD = lora.add(jnp.einsum("btnh,nhd->btd", o_BTNH, lp["wo"]), ad, "wo", o_BTNH)
     x_BTD = x_BTD + checkpoint_name(constrain(rules, attn_BTD, act), "attn_out")
 
     h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
@@ -230,7 +236,7 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     if cfg.n_experts:
         mlp_BTD, moe_stats = moe_mlp(h_BTD, lp, cfg=cfg, rules=rules)
     else:
-        mlp_BTD = swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules)
+        mlp_BTD = swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules, ad)
     x_BTD = x_BTD + checkpoint_name(constrain(rules, mlp_BTD, act), "mlp_out")
     return x_BTD, kv, moe_stats, {"attn": attn_BTD, "mlp": mlp_BTD, "residual": x_BTD}
 

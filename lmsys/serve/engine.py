@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmsys.config import ModelConfig
-from lmsys.models import llama
+from lmsys.models import llama, lora
 from lmsys.parallel import Rules
 from lmsys.parallel.sharded_kernels import POOL_AXES
 from lmsys.serve.constrained import advance, all_allowed
@@ -103,7 +103,8 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, params, model: ModelConfig, tokenizer, config: EngineConfig | None = None,
-                 rules: Rules | None = None, eos_token_id: int | None = None):
+                 rules: Rules | None = None, eos_token_id: int | None = None, adapters=None):
+        """adapters: a lmsys.serve.lora.AdapterBank of LoRA adapters requests pick by name."""
         self.cfg = config or EngineConfig()
         self.model, self.tokenizer, self.rules = model, tokenizer, rules
         self.eos_token_id = eos_token_id
@@ -129,6 +130,9 @@ class Engine:
             from lmsys.serve.quantize import quantize_params
 
             params = jax.jit(quantize_params, static_argnums=1)(params, c.quantize)
+        self.adapters = adapters
+        if adapters is not None:  # the bank beside the base weights (lmsys.serve.lora)
+            params = lora.with_adapters(params, adapters.device_arrays(rules, self.dtype))
         self.params = params
         self._empty_pages = jax.jit(lambda: jnp.zeros(self._pool_shape, self.dtype),
                                     out_shardings=None if rules is None else self._kv_sharding)
@@ -218,6 +222,9 @@ class Engine:
         if any(not 0 <= t < self.model.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.model.vocab_size})")
         check_options(options)
+        if options.adapter and (self.adapters is None or options.adapter not in self.adapters.names):
+            raise RequestError(f"the LoRA adapter {options.adapter!r} is not loaded; loaded: "
+                               f"{sorted(self.adapters.names) if self.adapters else 'none'}")
         self.scheduler.check_fits(len(prompt_ids), options.max_tokens)
         stop_ids = set(options.stop_token_ids)
         if self.eos_token_id is not None and (not options.ignore_eos or options.grammar is not None):
@@ -287,7 +294,8 @@ class Engine:
                 and c[1] + c[2] <= len(c[0].prompt_ids) - 1]
         for i, (req, _, _) in echo:
             echo_rows[i] = 2 if req.options.prompt_logprobs > 0 else 1
-        out, self.kv = self._prefill(self.params, self.kv, (toks, pos, tgt, echo_rows, table))
+        adapter = self._adapter_rows(rows, [r for r, _, _ in chunks], B)
+        out, self.kv = self._prefill(self.params, self.kv, (toks, pos, tgt, echo_rows, table, adapter))
         lp, greedy, top_ids, top_lps = jax.device_get(out) if echo else (None,) * 4
         for i, (req, start, n) in echo:
             add_prompt_logprobs(req, start, n, lp[i], greedy[i], top_ids[i], top_lps[i])
@@ -316,7 +324,8 @@ class Engine:
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
         allowed = (self.grammars.bitmask(rows, batch, B) if self.grammars is not None
                    else all_allowed(B, self.model.vocab_size))
-        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs, allowed))
+        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs, allowed,
+                                                           self._adapter_rows(rows, batch, B)))
         out = jax.device_get(out)
         self.stats["decode_steps"] += 1
         self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
@@ -332,6 +341,18 @@ class Engine:
             else:
                 self._isolated(r, append_token, r, self.scheduler, tokens[i], float(out.logprobs_B[i]), dict(zip(
                     out.top_tokens_BK[i].tolist(), out.top_logprobs_BK[i].tolist())))
+
+    def _adapter_rows(self, rows, reqs: list[Request], B: int) -> np.ndarray:
+        """Each row's LoRA slot (0: the base)."""
+        out = np.zeros(B, np.int32)
+        for i, r in zip(rows, reqs):
+            out[i] = self.adapters.slot(r.options.adapter) if self.adapters else 0
+        return out
+
+    def set_adapter(self, name: str, adapters: dict) -> None:
+        """Loads (or replaces) LoRA adapter `name` into the bank between steps; no recompilation."""
+        with self.lock:
+            self.params = self.adapters.set_adapter(self.params, name, adapters, self.rules)
 
     def _isolated(self, req: Request, fn, *args) -> None:
         """Runs one request's host-side work (its stop strings, detokenizing, its callback); if
@@ -362,13 +383,13 @@ class Engine:
             if kind == "prefill":
                 z, table = np.zeros((n, m), np.int32), np.zeros((n, self.scheduler.pages_per_seq), np.int32)
                 _, self.kv = self._prefill(self.params, self.kv,
-                                           (z, z - 1, z, np.zeros(n, np.int32), table))
+                                           (z, z - 1, z, np.zeros(n, np.int32), table, z[:, 0]))
             else:
                 z, table = np.zeros(n, np.int32), np.zeros((n, m), np.int32)
                 sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32),
                                           np.zeros(n, np.uint32), z)
                 _, self.kv = self._decode(self.params, self.kv, (z, z - 1, table, sampling, np.zeros(n, bool),
-                                                                 all_allowed(n, self.model.vocab_size)))
+                                                                 all_allowed(n, self.model.vocab_size), z))
             if bar:
                 bar.update(1)
         if bar:

@@ -19,6 +19,7 @@ from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.serve.constrained import masked_logits
+from lmsys.serve.lora import with_rows
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
 
@@ -45,8 +46,10 @@ class ModelCalls:
                              mesh=self.rules.mesh, in_specs=(PartitionSpec(), pages, rows),
                              out_specs=(rows, pages), axis_names=set(axes), check_vma=False)
 
-    def forward(self, params, kv, tokens_BT, positions_BT, page_table_BP, rules):
-        """The final hidden states [B, T, D] (no output projection) and the updated pool."""
+    def forward(self, params, kv, tokens_BT, positions_BT, page_table_BP, rules, adapter_B=None):
+        """The final hidden states [B, T, D] (no output projection) and the updated pool;
+        `adapter_B`: each row's LoRA slot when params hold a bank (lmsys.serve.lora)."""
+        params = with_rows(params, adapter_B)
         cache = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
         x_BTD, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
                                    dtype=self.dtype, cache=cache, logits=False)
@@ -67,8 +70,8 @@ class ModelCalls:
         for them (`echo_B` > 0), also the log-probs of each next prompt token (for `echo` and
         scoring) and whether it is greedy; with the top alternatives only when a row asks for
         them (`echo_B` == 2). Otherwise zeros, and the output projection is skipped."""
-        tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP = rows
-        x_BCD, kv = self.forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules)
+        tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP, adapter_B = rows
+        x_BCD, kv = self.forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules, adapter_B)
 
         def echo(x_BCD, num_top=MAX_TOP_LOGPROBS):
             lp, greedy, top_ids, top_lps = next_token_logprobs(
@@ -86,10 +89,11 @@ class ModelCalls:
     def decode(self, params, kv, rows, rules):
         """One token per row, among the tokens its bitmask allows (`allowed_BW`: structured
         output, lmsys.serve.constrained; all bits set for a free row); the log-probs (and top
-        alternatives) only when a row of the call asks for them (`logprobs_B`), else zeros."""
-        tokens_B, positions_B, page_table_BP, sampling, logprobs_B, allowed_BW = rows
+        alternatives) only when a row of the call asks for them (`logprobs_B`), else zeros.
+        `adapter_B`: each row's LoRA slot (lmsys.serve.lora)."""
+        tokens_B, positions_B, page_table_BP, sampling, logprobs_B, allowed_BW, adapter_B = rows
         x_B1D, kv = self.forward(params, kv, tokens_B[:, None], positions_B[:, None],
-                                 page_table_BP, rules)
+                                 page_table_BP, rules, adapter_B)
         logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 

@@ -204,17 +204,28 @@ class Routes:
 
     # -------------------------------------------------------------- shared pieces
 
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters a request's `model` may name besides the base (lmsys.serve.lora)."""
+        return sorted(self.engine.adapters.names) if self.engine.adapters else []
+
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+        if name is not None and name != self.model_name and name not in self.adapter_names():
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{', '.join(repr(n) for n in [self.model_name, *self.adapter_names()])}",
                            param="model", code="model_not_found")
+
+    def served(self, body) -> str:
+        """The name a response reports: the adapter the request named, else the base's."""
+        return body.model if body.model in self.adapter_names() else self.model_name
 
     def options(self, body: SamplingBody, max_tokens: int, seed: int, **kw) -> GenerationOptions:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        adapter = body.model if body.model in self.adapter_names() else ""
         return GenerationOptions(max_tokens=max_tokens, temperature=body.temperature,
                                  top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
                                  stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos,
-                                 grammar=kw.pop("grammar", None) or body_grammar(body, self.engine), **kw)
+                                 grammar=kw.pop("grammar", None) or body_grammar(body, self.engine),
+                                 adapter=adapter, **kw)
 
     @staticmethod
     def seeds(body: SamplingBody) -> list[int]:
@@ -289,7 +300,7 @@ class Routes:
         run = _Run(self, http)
         lengths = await run.submit(lambda: self._completion_items(body))
         rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.served(body)}
         with_logprobs = body.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -377,7 +388,7 @@ class Routes:
         run = _Run(self, http)
         ids = await run.submit(lambda: self._chat_items(body))
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.served(body)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self.sse(self._stream_chat(run, {**head, "object": "chat.completion.chunk"}, body.logprobs,
@@ -455,9 +466,11 @@ class Routes:
 
     # -------------------------------------------------------------- models
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "lmsys",
+    def model_card(self, name: str | None = None) -> dict:
+        """The base's card, or a LoRA adapter's (`name`; its `parent` the base)."""
+        card = {"id": name or self.model_name, "object": "model", "created": self.created, "owned_by": "lmsys",
                 "max_model_len": self.engine.cfg.max_seq_len}
+        return card if not name or name == self.model_name else {**card, "parent": self.model_name}
 
 
 def add_routes(app: FastAPI, routes: Routes) -> None:
@@ -465,12 +478,12 @@ def add_routes(app: FastAPI, routes: Routes) -> None:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [routes.model_card()]}
+        return {"object": "list", "data": [routes.model_card(), *map(routes.model_card, routes.adapter_names())]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str):
         routes.check_model(model)
-        return routes.model_card()
+        return routes.model_card(model)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: HTTPRequest):

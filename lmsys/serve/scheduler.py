@@ -81,6 +81,7 @@ class GenerationOptions:
     logprobs: int | None = None  # top alternatives per generated token (0..5); None = no logprobs
     prompt_logprobs: int | None = None  # the same for prompt tokens (OpenAI `echo`)
     grammar: str | None = None  # structured output (lmsys.serve.constrained); None = free
+    adapter: str = ""  # the LoRA adapter (lmsys.serve.lora) the request runs with; "" = the base
 
 
 @dataclass

@@ -27,6 +27,8 @@ from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.distributed import initialize as initialize_distributed
 from lmsys.train.metrics import MetricsWriter, mfu, peak_flops
 from lmsys.train.run_dir import RunDirLock, provenance, resume, save_tokenizer, tokenizer_spec
+from lmsys.train.adapters import has_frozen
+from lmsys.train.dpo import METRICS as DPO_METRICS
 from lmsys.train.step import BATCH_KEYS, Trainer
 
 
@@ -81,7 +83,7 @@ def resolve_init_from(cfg: Config) -> Config:
                           f"(config.yaml + checkpoints/) or a registered model (models:/NAME@ALIAS)")
     src = open_model(ref)
     model = src.config.model
-    if src.kind == "hf":
+    if src.kind in ("hf", "peft"):
         tokenizer = src.config.data.tokenizer if Path(src.config.data.tokenizer).is_file() else None
     else:
         tokenizer = _source_tokenizer(src.config, src.path, path_or_url(cfg.run_dir))
@@ -125,16 +127,10 @@ def _source_tokenizer(source_cfg: Config, src: Path, run_dir: Path) -> str:
 
 
 def _state_from_params(trainer: Trainer, params):
-    """A fresh train state (step 0, new optimizer state) around loaded params, on the
-    trainer's shardings."""
-    import jax.numpy as jnp
-
-    def init(p):
-        p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
-        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": trainer.optimizer.init(p),
-                "nonfinite_streak": jnp.zeros((), jnp.int32)}
-
-    return jax.jit(init, in_shardings=(trainer.param_shardings,), out_shardings=trainer.state_shardings)(params)
+    """A fresh train state (step 0, new optimizer state; with LoRA new adapters) around loaded
+    params, on the trainer's shardings."""
+    return jax.jit(lambda p: trainer._init(trainer.cfg.seed, p), in_shardings=(trainer.base_shardings,),
+                   out_shardings=trainer.state_shardings)(params)
 
 
 def load_init_params(cfg: Config, trainer: Trainer):
@@ -154,6 +150,13 @@ def load_data(cfg: Config):
     d = cfg.data
     cache_dir = d.cache_dir or None
     tokenizer = tokenizer_for(d, cfg.model.vocab_size)
+    if d.format == "preference":
+        from lmsys.data.chat_template import load_chat_template
+        from lmsys.data.preference import build_preference_dataset
+
+        return build_preference_dataset(d.source, tokenizer, load_chat_template(d.tokenizer), cfg.seq_len,
+                                        cfg.seed, tokenizer_spec=d.tokenizer, max_pairs=d.max_documents,
+                                        cache_dir=cache_dir, shuffle=d.shuffle)
     if d.format == "chat":
         from lmsys.data.chat_template import load_chat_template
 
@@ -228,17 +231,27 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
+    base = base_ref = None
+    if has_frozen(cfg):  # the LoRA base / DPO reference: init_from's weights or the seed's init
+        from lmsys.train.adapters import base_reference, load_base
+
+        base, base_step = load_base(cfg, trainer.base_shardings, rules)
+        base_ref = base_reference(cfg, base_step)
     if ckpt.latest_step() is not None:
-        state, meta = resume(ckpt, trainer.abstract_state, cfg, data_provenance, run_dir, lead)
+        state, meta = resume(ckpt, trainer.abstract_checkpoint, cfg, data_provenance, run_dir, lead, base_ref)
+        if base is not None:
+            state = trainer.with_frozen(state, _state_from_params(trainer, base)["params"])
         data_index = int(meta["data_index"])
         if lead:
             print(f"resuming {run_dir} from step {meta['step']}", flush=True)
     elif cfg.init_from:
-        state, data_index = _state_from_params(trainer, load_init_params(cfg, trainer)), 0
+        params = base if base is not None else load_init_params(cfg, trainer)
+        state, data_index = _state_from_params(trainer, params), 0
         if lead:
             print(f"initialized {run_dir} from {cfg.init_from}", flush=True)
     else:
         state, data_index = trainer.init(cfg.seed), 0
+    del base
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -282,7 +295,8 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                     record = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
                               "learning_rate": m["learning_rate"], "tokens_per_second": tps,
                               "mfu": mfu(tps, flops_per_token, mesh.size, peak),
-                              "nonfinite_streak": int(m["nonfinite_streak"])}
+                              "nonfinite_streak": int(m["nonfinite_streak"]),
+                              **{k: m[k] for k in DPO_METRICS if k in m}}
                     if bar:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 evaluated, eval_seconds = _evaluate(evaluator, cfg, state, step)
@@ -311,7 +325,8 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                 if periodic and int(metrics["nonfinite_streak"]) > 0:
                     periodic = False  # keep the last checkpoint a good one while steps are skipped
                 if step == last or stopping or periodic:
-                    ckpt.save(step, state, make_meta(step, data_index, cfg.model, mesh, data_provenance))
+                    meta = make_meta(step, data_index, cfg.model, mesh, data_provenance)
+                    ckpt.save(step, trainer.checkpointed(state), {**meta, **({"base": base_ref} if base_ref else {})})
                 if stopping:
                     if lead:
                         print(f"lmsys train: {signals.received or 'a stop signal on another process'} received: "

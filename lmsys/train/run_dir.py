@@ -149,14 +149,19 @@ def check_provenance(saved: dict, now: dict, where: str, run_dir, allow_changed_
             f"{saved.get('data_index')} in the new data (data.allow_changed_source=true)")
 
 
-def resume(ckpt, abstract_state, cfg, now: dict, run_dir, lead: bool):
+def resume(ckpt, abstract_state, cfg, now: dict, run_dir, lead: bool, base: dict | None = None):
     """(state, meta) of the newest checkpoint that reads back and fits this run (model shape,
-    tokenizer, data: lmsys.checkpoint.check_model and check_provenance). An unreadable newer
-    step is renamed STEP.unreadable-TIME (kept, no longer a step) and the fall-back said."""
+    tokenizer, data: lmsys.checkpoint.check_model and check_provenance; with LoRA, `base`: the
+    frozen base's reference, lmsys.train.adapters.check_base). An unreadable newer step is
+    renamed STEP.unreadable-TIME (kept, no longer a step) and the fall-back said."""
     def check(meta, step):
         where = f"{ckpt.directory} step {step}"
         check_model(meta.get("model", {}), cfg.model, where)
         check_provenance(meta, now, where, run_dir, cfg.data.allow_changed_source)
+        if base is not None or "base" in meta:
+            from lmsys.train.adapters import check_base
+
+            check_base(meta.get("base"), base or {}, where)
 
     state, meta, skipped = ckpt.restore_intact(abstract_state, check)
     note = check_provenance(meta, now, f"{ckpt.directory} step {meta['step']}", run_dir, True)

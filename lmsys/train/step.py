@@ -24,6 +24,7 @@ from lmsys.parallel import Rules
 from lmsys.parallel.context import to_load_balanced
 from lmsys.parallel.fsdp import fsdp_gather
 from lmsys.parallel.mesh import zero1_table
+from lmsys.train import adapters, dpo
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -157,12 +158,11 @@ class Trainer:
                                         sequence_load_balance=cfg.mesh.sequence_load_balance)
         self.cfg, self.rules = cfg, rules
         self.dtype = DTYPES[cfg.dtype]
-        decay = jax.tree.map(lambda s: s.init == "normal", llama.param_specs(cfg.model),
-                             is_leaf=lambda x: isinstance(x, llama.ParamSpec))
         self.schedule = lr_schedule(cfg.optimizer, cfg.steps)
-        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, decay)
-        self.param_shardings = rules.tree_shardings(llama.param_axes(cfg.model),
-                                                    llama.param_shapes(cfg.model))
+        # with lora.rank > 0 the optimizer sees the adapters only (lmsys.train.adapters)
+        self.optimizer = make_optimizer(cfg.optimizer, cfg.steps, adapters.decay_mask(cfg))
+        self.param_shardings = adapters.shardings(rules, cfg, jax.eval_shape(lambda: adapters.init_params(cfg, cfg.seed)))
+        self.base_shardings = rules.tree_shardings(llama.param_axes(cfg.model), llama.param_shapes(cfg.model))
         # Input rows arrive whole on each device of their batch shard (each process loads whole
         # rows); inside the model activations split the sequence over `sequence`.
         self.batch_sharding = rules.sharding(("batch", None))
@@ -185,7 +185,8 @@ class Trainer:
         moments = self.param_shardings
         if self.cfg.optimizer.zero1:
             moments = Rules(self.rules.mesh, zero1_table(self.rules.table)).tree_shardings(
-                llama.param_axes(self.cfg.model), llama.param_shapes(self.cfg.model))
+                adapters.param_axes(self.cfg), adapters.param_shapes(self.cfg))
+        moments = adapters.split(moments)[0]
         opt = optax.tree_utils.tree_map_params(
             self.optimizer, lambda _, s: s, abstract["opt_state"], moments,
             transform_non_params=lambda _: self.rules.replicated)
@@ -206,14 +207,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ pure functions
 
-    def _init(self, seed: int):
-        params = llama.init(jax.random.key(seed), self.cfg.model)
+    def _init(self, seed: int, base: dict | None = None):
+        """The state at step 0: `base` (default: the random init of `seed`) as the params, with
+        lora.rank > 0 plus fresh adapters; optimizer state for the trainable params."""
+        params = adapters.init_params(self.cfg, seed, base)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": self.optimizer.init(params), "nonfinite_streak": jnp.zeros((), jnp.int32)}
+                "opt_state": self.optimizer.init(adapters.split(params)[0]),
+                "nonfinite_streak": jnp.zeros((), jnp.int32)}
+
+    def checkpointed(self, state):
+        """What a checkpoint holds of `state`: all of it, or with LoRA all but the frozen base
+        (whose reference goes in the meta, lmsys.train.adapters.base_reference)."""
+        return {**state, "params": adapters.split(state["params"])[0]}
+
+    @cached_property
+    def abstract_checkpoint(self):
+        """The restore target of `checkpointed` states; `with_frozen` completes a restored one."""
+        return self.checkpointed(self.abstract_state)
+
+    def with_frozen(self, restored, params):
+        """A restored `checkpointed` state completed with the frozen part of `params`."""
+        return {**restored, "params": adapters.join(restored["params"], adapters.split(params)[1])}
 
     def _loss_sums(self, params, batch):
         if self.rules.sequence_load_balance:  # every token-wise input alike; the loss is a sum
             batch = {k: to_load_balanced(v, self.rules.mesh.shape["sequence"]) for k, v in batch.items()}
+        if self.cfg.data.format == "preference":  # DPO over pairs of rows (lmsys.train.dpo)
+            return dpo.loss_sums(self._logits, params, batch, self.cfg.dpo.beta)
         chunk = self.cfg.loss_chunk
         chunked = 0 < chunk < self.cfg.seq_len
         out_BTX, aux = llama.forward(
@@ -232,6 +252,10 @@ class Trainer:
             objective = loss_sum + sum(getattr(self.cfg.model, ROUTER_LOSSES[k]) * v for k, v in router.items())
         return objective, (loss_sum, n, router)
 
+    def _logits(self, params, batch):
+        return llama.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+                             cfg=self.cfg.model, rules=self.rules, dtype=self.dtype, remat=self.cfg.remat)[0]
+
     def _chunked_loss_sums(self, params, x_BTD, targets_BT, mask_BT, chunk: int):
         """`loss_sums` of the final hidden states, `chunk` positions at a time (`chunked_loss_sums`)
         with the output projection all-gathered over fsdp once."""
@@ -244,17 +268,29 @@ class Trainer:
         (the same numbers as one big batch: sums are divided by the total token count once)."""
         return self.grads_and_metrics(params, batch)[:3]
 
-    def grads_and_metrics(self, params, batch):
+    def grads_and_metrics(self, params, batch, dropout_key=None):
         """`grads` and a dict of extra metrics: for an MoE model the router losses (the gradient
         is that of loss + router_aux_loss x moe_aux_loss + router_z_loss x moe_z_loss; the
-        returned loss is the cross-entropy alone)."""
-        sums_and_grad = jax.value_and_grad(self._loss_sums, has_aux=True)
+        returned loss is the cross-entropy alone). With LoRA the gradients are the adapters'
+        only (`adapters.split`); `dropout_key`: their lora.dropout masks (None: no dropout)."""
+        params, frozen = adapters.split(params)
+        rate = self.cfg.lora.dropout if dropout_key is not None else 0.0
+
+        def sums_and_grad(trainable, mb, i=0):
+            def objective(t):
+                p = adapters.join(t, frozen)
+                if rate:
+                    p = adapters.with_dropout(p, jax.random.fold_in(dropout_key, i), rate)
+                return self._loss_sums(p, mb)
+            return jax.value_and_grad(objective, has_aux=True)(trainable)
+
         M = self.cfg.grad_accum
         if M == 1:
             (_, (loss_sum, n, router)), g = sums_and_grad(params, batch)
         else:
-            def micro(carry, mb):
-                (_, sums), g = sums_and_grad(params, mb)
+            def micro(carry, xs):
+                mb, i = xs
+                (_, sums), g = sums_and_grad(params, mb, i)
                 g_acc, sums_acc = carry
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, sums_acc, sums)), None
 
@@ -262,22 +298,27 @@ class Trainer:
                                            (None, "batch", "seq"))
                    for k, v in batch.items()}
             zeros = jax.tree.map(jnp.zeros_like, params)
-            router0 = {k: jnp.zeros((), jnp.float32) for k in ROUTER_LOSSES} if self.cfg.model.n_experts else {}
-            (g, (loss_sum, n, router)), _ = jax.lax.scan(micro, (zeros, (0.0, 0.0, router0)), mbs)
+            extra = dpo.METRICS if self.cfg.data.format == "preference" else (
+                ROUTER_LOSSES if self.cfg.model.n_experts else ())
+            router0 = {k: jnp.zeros((), jnp.float32) for k in extra}
+            (g, (loss_sum, n, router)), _ = jax.lax.scan(micro, (zeros, (0.0, 0.0, router0)),
+                                                         (mbs, jnp.arange(M)))
         n = jnp.maximum(n, 1.0)
         return loss_sum / n, jax.tree.map(lambda x: x / n, g), n, {k: v / n for k, v in router.items()}
 
     def _step(self, state, batch):
         """One update. A step whose loss or gradients are not finite changes no parameter or
         optimizer state; it is counted in `nonfinite_streak` (reset by the next good step)."""
-        loss, grads, n_tokens, extra = self.grads_and_metrics(state["params"], batch)
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), state["step"]) if self.cfg.lora.dropout else None
+        loss, grads, n_tokens, extra = self.grads_and_metrics(state["params"], batch, key)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        trainable, frozen = adapters.split(state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]),
                    "loss_tokens": n_tokens, "nonfinite_streak": streak, **extra}
-        return {"step": state["step"] + 1, "params": keep(params, state["params"]),
+        params = adapters.join(keep(optax.apply_updates(trainable, updates), trainable), frozen)
+        return {"step": state["step"] + 1, "params": params,
                 "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak}, metrics
