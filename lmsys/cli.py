@@ -60,7 +60,7 @@ def _engine(args, max_slots: int, batch_invariant: bool = False):
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                           prefill_tokens=args.prefill_tokens,
                           batch_invariant=batch_invariant, dtype=model.config.dtype,
-                          quantize=args.quantize)
+                          quantize=args.quantize, prefix_cache=not args.no_prefix_cache)
     return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
                          eos_token_id=model.eos_token_id)
 
@@ -174,6 +174,9 @@ def _engine_flags(p) -> None:
                         "are prefilled together); 0 = 4 x --prefill-chunk")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
                    help="weight-only quantization of the matrices")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt (default: reuse the KV pages of prompt prefixes "
+                        "seen before, kept until the pool needs them)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="devices that split each model's heads and MLP (mesh axis `tensor`)")
     p.add_argument("--data-parallel", type=int, default=1,

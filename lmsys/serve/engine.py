@@ -14,7 +14,8 @@
 Token p of a sequence lives in page `page_table[row, p // page_size]`, slot `p % page_size`.
 Page ids are indices into the pool's second axis; every page is usable. Entries of a row past
 the sequence's last page are 0 and never read (attention masks keys at positions above the
-query's). Pages are allocated on demand, freed when a request ends or is preempted, and reused.
+query's). Pages are allocated on demand, freed when a request ends or is preempted (or kept by
+the prefix cache until the pool needs them: `lmsys.serve.prefix_cache`), and reused.
 
 With a mesh (`rules`), the pool is laid out by the rule table like every other array: KV heads
 over `tensor` (as the attention weights) and pages over the mesh axes of `kv_pages` (`data` by
@@ -95,6 +96,7 @@ class EngineConfig:
     batch_invariant: bool = False
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
+    prefix_cache: bool = True  # automatic prefix caching (lmsys.serve.prefix_cache)
 
 
 class Engine:
@@ -113,7 +115,7 @@ class Engine:
         self.scheduler = Scheduler(
             num_pages, D, max_slots=c.max_slots, page_size=c.page_size, max_seq_len=c.max_seq_len,
             prefill_chunk=c.prefill_chunk, prefill_tokens=c.prefill_tokens,
-            batch_invariant=c.batch_invariant, shard_axes=self.shard_axes)
+            batch_invariant=c.batch_invariant, shard_axes=self.shard_axes, prefix_cache=c.prefix_cache)
         self.num_pages = num_pages
 
         if rules is not None:
@@ -150,7 +152,9 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        return self.scheduler.stats
+        stats = self.scheduler.stats
+        stats["prefix_cache_pages"] = getattr(self.pool, "num_cached", 0)
+        return stats
 
     @property
     def prefill_buckets(self) -> list[tuple[int, int]]:
@@ -162,8 +166,10 @@ class Engine:
 
     def reset_cache(self) -> None:
         """A fresh, empty page pool (e.g. after a failed step that had been handed the old one);
-        requests that held pages must have been aborted."""
+        requests that held pages must have been aborted; the prefix cache is forgotten."""
         self.kv = (self._empty_pages(), self._empty_pages())
+        if hasattr(self.pool, "clear"):
+            self.pool.clear()
 
     # ------------------------------------------------------------------ memory
 
