@@ -298,7 +298,8 @@ def test_metrics_and_health(served):
     for name in ("lmsys_requests", "lmsys_prompt_tokens", "lmsys_generated_tokens", "lmsys_requests_waiting",
                  "lmsys_requests_running", "lmsys_time_to_first_token_seconds",
                  "lmsys_inter_token_latency_seconds", "lmsys_kv_pages_used", "lmsys_kv_pages_total",
-                 "lmsys_prefix_cache_hit_tokens", "lmsys_prefix_cache_hit_rate", "lmsys_prefix_cache_pages"):
+                 "lmsys_prefix_cache_hit_tokens", "lmsys_prefix_cache_hit_rate", "lmsys_prefix_cache_pages",
+                 "lmsys_spec_acceptance_rate", "lmsys_spec_tokens_per_step"):
         assert name in families, name
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("lmsys_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] >= 1

@@ -48,8 +48,12 @@ cannot represent (top_k >= 2^31, a non-finite temperature, ...) are refused by `
 (RequestError naming the option). `max_tokens=0` prefills the prompt (with `prompt_logprobs`:
 scores it) and ends with "length" without a decode step.
 
+With `speculative="ngram"` the decode step is a verification call of [last token, drafts]
+per row when a row has drafts (`lmsys.serve.speculative`; every step in batch-invariant mode).
+
 Shapes are padded to the scheduler's buckets, so the compilations are exactly
-`len(prefill_buckets) + len(decode_buckets)`, all done by `warmup()`. In batch-invariant mode
+`len(prefill_buckets) + len(decode_buckets)` (plus `len(decode_buckets)` verification calls
+with speculation), all done by `warmup()`. In batch-invariant mode
 there is one bucket of each, so every call has one shape whatever runs beside a request, and a
 request's chunks are always the same slices of its prompt: its numbers never depend on what
 else is running.
@@ -76,6 +80,7 @@ from lmsys.parallel.sharded_kernels import POOL_AXES
 from lmsys.serve.model_calls import ModelCalls
 from lmsys.serve.outputs import add_prompt_logprobs, append_token, check_options, finish_scoring
 from lmsys.serve.sampling import SamplingParams
+from lmsys.serve.speculative import SPECULATIVE, speculate, warm_verify
 from lmsys.serve.scheduler import Event, GenerationOptions, PagePool, Request, RequestError, Scheduler
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 
@@ -97,6 +102,8 @@ class EngineConfig:
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
     prefix_cache: bool = True  # automatic prefix caching (lmsys.serve.prefix_cache)
+    speculative: str = "none"  # "ngram": speculative decoding (lmsys.serve.speculative)
+    num_speculative_tokens: int = 4  # drafted tokens per request and step at most
 
 
 class Engine:
@@ -133,6 +140,11 @@ class Engine:
         self.calls = ModelCalls(model, rules, self.dtype, self.shard_axes)
         self._prefill = self.calls.jit(self.calls.prefill)
         self._decode = self.calls.jit(self.calls.decode)
+        if c.speculative not in SPECULATIVE or c.num_speculative_tokens < 1:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)} with "
+                             f"num_speculative_tokens >= 1, got {c.speculative!r} and "
+                             f"{c.num_speculative_tokens}")
+        self._verify = self.calls.jit(self.calls.verify)
 
         self._ids = itertools.count()
         self.lock = threading.Lock()
@@ -253,9 +265,12 @@ class Engine:
             for req in [r for r in self.running if r.options.max_tokens == 0]:
                 if len(req.tokens) - 1 - req.num_computed < 1:  # prompt scored: no new token
                     self._isolated(req, finish_scoring, req, self.scheduler)
-            ready = self.scheduler.plan_decode()
-            if ready:
-                self._decode_batch(ready)
+            if self.cfg.speculative == "none":
+                ready = self.scheduler.plan_decode()
+                if ready:
+                    self._decode_batch(ready)
+            else:
+                speculate(self)
 
     def _prefill_chunks(self, chunks: list[tuple[Request, int, int]]) -> None:
         """One prefill call over `chunks`: shard g's rows are [g * R, (g+1) * R) of D * R."""
@@ -285,11 +300,10 @@ class Engine:
         self.stats["prefill_chunks"] += len(chunks)
         self.stats["max_prefill_rows"] = max(self.stats["max_prefill_rows"], len(chunks))
 
-    def _decode_batch(self, batch: list[Request]) -> None:
-        """One decode step of `batch`: shard g's requests fill rows [g * B/D, (g+1) * B/D)."""
+    def _decode_rows(self, batch: list[Request]):
+        """A decode-like call's rows for `batch` (shard g's requests fill rows [g * B/D,
+        (g+1) * B/D)): each request's row, the page table, sampling and log-prob flags."""
         B, P = self.scheduler.decode_shape(batch)
-        toks = np.zeros(B, np.int32)
-        pos = np.full(B, -1, np.int32)
         table = np.zeros((B, P), np.int32)
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         seed, step = np.zeros(B, np.uint32), np.zeros(B, np.int32)
@@ -297,15 +311,24 @@ class Engine:
         rows = self.scheduler.rows(batch, B)
         for i, r in zip(rows, batch):
             o = r.options
-            toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)[:P]
+            table[i] = self._page_row(r)[:P]
             temp[i], top_k[i], top_p[i] = o.temperature, min(o.top_k, self.model.vocab_size), o.top_p
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
             want_logprobs[i] = o.logprobs is not None
-        sampling = SamplingParams(temp, top_k, top_p, seed, step)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(batch)
+        self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
+        return rows, table, SamplingParams(temp, top_k, top_p, seed, step), want_logprobs
+
+    def _decode_batch(self, batch: list[Request]) -> None:
+        """One decode step of `batch`."""
+        rows, table, sampling, want_logprobs = self._decode_rows(batch)
+        toks = np.zeros(len(table), np.int32)
+        pos = np.full(len(table), -1, np.int32)
+        for i, r in zip(rows, batch):
+            toks[i], pos[i] = r.tokens[-1], r.num_computed
         out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs))
         out = jax.device_get(out)
-        self.stats["decode_steps"] += 1
-        self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
         tokens = out.tokens_B.tolist()
         for i, r in zip(rows, batch):
             r.num_computed += 1
@@ -355,8 +378,9 @@ class Engine:
                 bar.update(1)
         if bar:
             bar.close()
+        n = len(shapes) + (0 if self.cfg.speculative == "none" else warm_verify(self))
         jax.block_until_ready(self.kv)
-        return len(shapes)
+        return n
 
     def generate(self, prompts: list[str | list[int]], options: GenerationOptions | None = None) -> list[Request]:
         """Runs prompts (text or token ids) to completion; returns the finished requests."""

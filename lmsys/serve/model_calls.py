@@ -20,6 +20,7 @@ from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
+from lmsys.serve.speculative import verify_output
 
 
 class ModelCalls:
@@ -84,3 +85,13 @@ class ModelCalls:
                                  page_table_BP, rules)
         logits_BV = self.logits(params, x_B1D, rules)[:, 0]
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
+
+    def verify(self, params, kv, rows, rules):
+        """Speculative decoding: [last token, k drafts] per row (unused draft slots at position
+        -1); which drafts the target accepts and the tokens each row emits, with their
+        log-probs when a row asks for them (`lmsys.serve.speculative`)."""
+        tokens_BT, positions_BT, page_table_BP, sampling, num_drafts_B, logprobs_B = rows
+        x_BTD, kv = self.forward(params, kv, tokens_BT, positions_BT, page_table_BP, rules)
+        logits_BTV = self.logits(params, x_BTD, rules)
+        return verify_output(logits_BTV, tokens_BT[:, 1:], num_drafts_B, sampling, logprobs_B,
+                             MAX_TOP_LOGPROBS), kv

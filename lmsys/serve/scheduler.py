@@ -238,11 +238,12 @@ class Scheduler:
                                    for p in _buckets(self.pages_per_seq)]
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_chunks": 0,
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "prefill_calls": 0, "prefill_chunks": 0,
                       "max_prefill_rows": 0, "max_decode_batch": 0, "preemptions": 0,
                       "generated_tokens": 0, "finished": 0, "failed": 0,
                       "max_waiting": 0, "prefilled_tokens": 0, "prefix_cache_hit_tokens": 0,
-                      "prefix_cache_query_tokens": 0}
+                      "prefix_cache_query_tokens": 0, "spec_draft_tokens": 0,
+                      "spec_accepted_tokens": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -391,12 +392,17 @@ class Scheduler:
                 width = max(width, n)
         return chunks
 
-    def plan_decode(self) -> list[Request]:
-        """This iteration's decode batch: the running requests whose next input is one token,
-        oldest first, each with a page for it (a reservation may preempt newer ones)."""
-        decoding = sorted((r for r in self.running if len(r.tokens) - r.num_computed == 1),
-                          key=lambda r: (r.arrival, r.id))
-        ready = [r for r in decoding if r in self.running and self._reserve(r, r.num_computed + 1)]
+    def decoding(self) -> list[Request]:
+        """The running requests whose next input is one token, oldest first."""
+        return sorted((r for r in self.running if len(r.tokens) - r.num_computed == 1),
+                      key=lambda r: (r.arrival, r.id))
+
+    def plan_decode(self, drafts: Callable[[Request], int] = lambda r: 0) -> list[Request]:
+        """This iteration's decode batch: the `decoding` requests, each with pages for its
+        token and its `drafts(r)` drafted ones (speculative decoding; a reservation may preempt
+        newer requests)."""
+        ready = [r for r in self.decoding()
+                 if r in self.running and self._reserve(r, r.num_computed + 1 + drafts(r))]
         return [r for r in ready if r in self.running]  # a later reservation may preempt
 
     def _most_per_shard(self, reqs: list[Request]) -> int:

@@ -273,6 +273,12 @@ class Metrics:
                   1, engine.stats["prefix_cache_query_tokens"]))
         Gauge("lmsys_prefix_cache_pages", "KV pages held in the prefix cache (in use or idle)",
               registry=r).set_function(stats("prefix_cache_pages"))
+        Gauge("lmsys_spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens",
+              registry=r).set_function(lambda: engine.stats["spec_accepted_tokens"] / max(
+                  1, engine.stats["spec_draft_tokens"]))
+        Gauge("lmsys_spec_tokens_per_step", "Tokens generated per request per decode step",
+              registry=r).set_function(lambda: engine.stats["generated_tokens"] / max(
+                  1, engine.stats["decode_rows"]))
         self.ttft = Histogram("lmsys_time_to_first_token_seconds", "Arrival to first generated token",
                               registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.key_requests = Counter("lmsys_key_requests", "HTTP requests by API key name and status",
