@@ -22,6 +22,9 @@ def test_ngram_proposes_what_followed_the_latest_earlier_occurrence():
     assert propose_ngram(seq + [8], 2) == [9, 1]  # "6 7 8" matches the 3-gram at 1..3
     assert propose_ngram([1, 2, 3], 4) == [] and propose_ngram([4, 4], 4) == [4]
     assert propose_ngram(seq, 0) == [] and propose_ngram([1, 2, 1], 5) == [2, 1]
+    # in a loop, the latest occurrence with k tokens after it (not the one just before the end)
+    assert propose_ngram([9, 4, 4, 4, 4, 4, 4], 3) == [4, 4, 4]
+    assert propose_ngram([9, 4, 4, 4, 4, 4, 4], 5) == [4, 4, 4]  # none has 5: the first
 
 
 def _chi2(counts, probs):

@@ -6,7 +6,7 @@ cache; each row keeps the longest accepted prefix of its draft plus one token of
 
 The proposer here is `ngram` (prompt lookup): the longest of the sequence's last 3, 2 or 1
 tokens that occurred earlier in its own context (prompt and generated text), and the tokens
-that followed its latest earlier occurrence. Copy-heavy answers (code edits, quoting,
+that followed its latest earlier occurrence with k tokens after it (else its first). Copy-heavy answers (code edits, quoting,
 extraction) then take several tokens per step.
 
 Acceptance (`accept_drafts`, on device): a greedy row (temperature 0) accepts draft j while it
@@ -41,8 +41,9 @@ NGRAM_SIZES = (3, 2, 1)  # the lookup tries the longest suffix first
 
 
 def propose_ngram(tokens: list[int], k: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
-    `tokens` (of NGRAM_SIZES tokens) in `tokens`; [] if none occurred before."""
+    """Up to k tokens that followed an earlier occurrence of the longest suffix of `tokens` (of
+    NGRAM_SIZES tokens) in `tokens`: the latest one followed by k tokens, else the first (in a
+    loop the latest occurrences are followed by few); [] if none occurred before."""
     if k < 1 or len(tokens) < 2:
         return []
     seq = np.asarray(tokens, np.int64)
@@ -51,9 +52,10 @@ def propose_ngram(tokens: list[int], k: int) -> list[int]:
             continue
         # windows starting at 0 .. len - n - 1 (the suffix itself excluded)
         windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
-        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+        hits = np.flatnonzero((windows == seq[-n:]).all(axis=1)) + n  # where each continues
         if len(hits):
-            start = int(hits[-1]) + n
+            full = hits[hits + k <= len(seq)]  # the latest with k tokens after it, else the first
+            start = int(full[-1] if len(full) else hits[0])
             return seq[start:start + k].tolist()
     return []
 
