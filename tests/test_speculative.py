@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_engine import _engine, _mesh_rules, _prompts, setup  # noqa: F401 - the engine fixture
+from test_engine import _after_warmup, _engine, _mesh_rules, _prompts, setup  # noqa: F401 - the engine fixture
 from lmsys.serve.sampling import sampling_params
 from lmsys.serve.scheduler import GenerationOptions
 from lmsys.serve.speculative import accept_drafts, propose_ngram
@@ -134,3 +134,15 @@ def test_speculation_on_a_data_and_tensor_parallel_mesh_matches_one_device(setup
         outs.append([r.generated for r in reqs])
         assert engine.stats["spec_accepted_tokens"] > 0 and engine.pool.num_used == 0
     assert outs[1] == outs[0]
+
+
+def test_speculation_compiles_only_at_warmup(setup):
+    """Verification calls are compiled per decode bucket by `warmup()`; steps with and without
+    drafts, greedy and sampled, then compile nothing."""
+    engine = _engine(setup, max_slots=2, max_seq_len=48, speculative="ngram", num_speculative_tokens=3)
+    with _after_warmup(engine):
+        reqs = [engine.add_request(p, GenerationOptions(max_tokens=10, temperature=float(i), seed=i))
+                for i, p in enumerate(_copy_prompts(3, 42))]
+        while engine.has_work():
+            engine.step()
+    assert engine.stats["spec_accepted_tokens"] > 0 and all(len(r.generated) == 10 for r in reqs)
