@@ -55,13 +55,17 @@ def _engine(args, max_slots: int, batch_invariant: bool = False, fine_prefill_wi
     if max_slots % args.data_parallel:
         raise ConfigError(f"--max-slots {max_slots} must be a multiple of --data-parallel "
                           f"{args.data_parallel} (each group serves max-slots / data-parallel slots)")
+    if args.num_speculative_tokens < 1:
+        raise ConfigError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
     model = load_model(args.model)
     config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                           prefill_tokens=args.prefill_tokens,
                           batch_invariant=batch_invariant, fine_prefill_widths=fine_prefill_widths,
                           dtype=model.config.dtype,
-                          quantize=args.quantize)
+                          quantize=args.quantize, prefix_cache=not args.no_prefix_cache,
+                          speculative=args.speculative,
+                          num_speculative_tokens=args.num_speculative_tokens)
     bank = None
     if getattr(args, "lora", None):  # `lmsys serve --lora NAME=PATH`: adapters on the base
         from lmsys.serve.lora import adapter_bank
@@ -181,6 +185,14 @@ def _engine_flags(p) -> None:
                         "are prefilled together); 0 = 4 x --prefill-chunk")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
                    help="weight-only quantization of the matrices")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt (default: reuse the KV pages of prompt prefixes "
+                        "seen before, kept until the pool needs them)")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="speculative decoding: ngram drafts tokens by prompt lookup (what followed "
+                        "the last tokens earlier in the context) and verifies them in one call")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="drafted tokens per request and step at most (with --speculative)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="devices that split each model's heads and MLP (mesh axis `tensor`)")
     p.add_argument("--data-parallel", type=int, default=1,

@@ -47,3 +47,23 @@ def test_attention_bench_runs_and_checks_every_side(capsys):
     assert all(r["err"] < 1e-2 and r["gbs"] > 0 for r in decode.values())
     assert result["copy_gbs"] > 0
     assert "lmsys pallas" in capsys.readouterr().out
+
+
+def test_serve_bench_reuse_workloads_run_side_by_side(capsys):
+    """A tiny CPU pass of `python -m lmsys.bench.serve --workload shared-prefix|copy`: the cached
+    side prefills the shared prompt once and both sides give the same greedy tokens; ngram
+    speculation accepts drafts and gives the tokens of plain decoding."""
+    import lmsys.bench.serve
+
+    small = ["--preset", "tiny", "--set", "model.n_layers=1", "--set", "model.vocab_size=512",
+             "--max-slots", "1", "--page-size", "8", "--prefill-chunk", "16", "--max-tokens", "6"]
+    a = lmsys.bench.serve.main(small + ["--workload", "shared-prefix", "--requests", "3", "--prefix-len", "40",
+                                        "--prompt-len", "3"])
+    assert a["prefix_cache"]["prefilled"] == 42 + 2 * 2 and a["no_prefix_cache"]["prefilled"] == 3 * 42
+    assert a["prefix_cache"]["outputs"] == a["no_prefix_cache"]["outputs"]
+    b = lmsys.bench.serve.main(small + ["--workload", "copy", "--prompt-len", "12"])
+    for batch in (1, 8):
+        assert b[("ngram", batch)]["outputs"] == b[("none", batch)]["outputs"]
+        assert b[("ngram", batch)]["acceptance"] > 0 and b[("ngram", batch)]["tokens_per_step"] > 1
+    out = capsys.readouterr().out
+    assert "TTFT p50" in out and "ngram/plain throughput" in out

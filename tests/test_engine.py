@@ -103,8 +103,10 @@ def _run_staggered(engine, prompts, max_tokens, each_step=lambda: None):
 
 @contextlib.contextmanager
 def _after_warmup(engine):
-    """`warmup()` compiles every bucket; nothing is traced or compiled inside the block."""
-    assert engine.warmup(progress=False) == len(engine.prefill_buckets) + len(engine.decode_buckets)
+    """`warmup()` compiles every bucket (decode and, with speculation, verification); nothing is
+    traced or compiled inside the block."""
+    verify = engine.cfg.speculative != "none"
+    assert engine.warmup(progress=False) == len(engine.prefill_buckets) + (1 + verify) * len(engine.decode_buckets)
     compiles = []
 
     def on_event(event, _secs, **_):

@@ -40,7 +40,8 @@ def test_mixed_adapters_in_one_batch_equal_each_merged_model(setup, served):
     cfg, params, tok, forward = setup
     engine, adapters = served
     names = ["", "a", "b", "c"]
-    prompts = _prompts(12, 5) + [_prompts(1, 6)[0]] * 4  # the last prompt once per adapter and the base
+    shared = _prompts(1, 6, lo=40, hi=41)[0]  # 5 full pages: the prefix cache could share them
+    prompts = _prompts(12, 5) + [shared] * 4  # the last prompt once per adapter and the base
     with _after_warmup(engine):
         engine.set_adapter("c", adapters["c"])  # into the free slot: no recompilation
         reqs = [engine.add_request(p, GenerationOptions(max_tokens=8, adapter=names[i % 4]))
@@ -53,6 +54,10 @@ def test_mixed_adapters_in_one_batch_equal_each_merged_model(setup, served):
     assert early <= 1
     same_prompt = [tuple(r.generated) for r in reqs[-4:]]
     assert len(set(same_prompt)) == 4, same_prompt  # each adapter changes the output
+    # cached KV pages never cross adapters; within one adapter (and its version) they are reused
+    assert engine.stats["prefix_cache_hit_tokens"] == 0
+    [again] = engine.generate([shared], GenerationOptions(max_tokens=8, adapter="a"))
+    assert engine.stats["prefix_cache_hit_tokens"] > 0 and again.generated == reqs[-3].generated
 
     with pytest.raises(RequestError, match="adapter 'd' is not loaded; loaded: \\['a', 'b', 'c'\\]"):
         engine.add_request([1, 2, 3], GenerationOptions(adapter="d"))

@@ -284,6 +284,11 @@ def _read_one_chunk_and_leave(served, body):
 
 def test_metrics_and_health(served):
     served.client.completions.create(model=MODEL, prompt="import", max_tokens=3, **GREEDY)
+    shared = "def f(value):\n    return value\n" * 3  # > 16 tokens: its first page is cached
+    assert len(served.engine.encode(shared)) > 17
+    hits = served.engine.stats["prefix_cache_hit_tokens"]
+    for _ in range(2):
+        served.client.completions.create(model=MODEL, prompt=shared, max_tokens=2, **GREEDY)
     _error(httpx.get(f"{served.url}/metrics"), 401)  # behind the key (no --public-metrics)
     for docs in ("/docs", "/openapi.json"):
         _error(httpx.get(f"{served.url}{docs}"), 401)
@@ -292,13 +297,18 @@ def test_metrics_and_health(served):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("lmsys_requests", "lmsys_prompt_tokens", "lmsys_generated_tokens", "lmsys_requests_waiting",
                  "lmsys_requests_running", "lmsys_time_to_first_token_seconds",
-                 "lmsys_inter_token_latency_seconds", "lmsys_kv_pages_used", "lmsys_kv_pages_total"):
+                 "lmsys_inter_token_latency_seconds", "lmsys_kv_pages_used", "lmsys_kv_pages_total",
+                 "lmsys_prefix_cache_hit_tokens", "lmsys_prefix_cache_hit_rate", "lmsys_prefix_cache_pages",
+                 "lmsys_spec_acceptance_rate", "lmsys_spec_tokens_per_step"):
         assert name in families, name
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("lmsys_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))] >= 1
     assert samples[("lmsys_kv_pages_total", ())] == served.engine.num_pages
     assert samples[("lmsys_generated_tokens_total", ())] >= 3
     assert samples[("lmsys_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("lmsys_prefix_cache_hit_tokens", ())] >= hits + 16  # the second `shared`
+    assert 0 < samples[("lmsys_prefix_cache_hit_rate", ())] < 1
+    assert samples[("lmsys_prefix_cache_pages", ())] >= 1
     assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
 
 

@@ -3,6 +3,8 @@ loop that serves one request at a time with a plain JAX decode loop, same model,
 
     python -m lmsys.bench.serve --preset tiny --requests 16 --prompt-len 64 --max-tokens 64
     python -m lmsys.bench.serve --preset tiny --hf --interval 0.25   # + transformers, torch CPU
+    python -m lmsys.bench.serve --workload shared-prefix --requests 32 --prefix-len 1000
+    python -m lmsys.bench.serve --workload copy --prompt-len 64 --max-tokens 64
 
 All requests arrive at once (a fixed load of `--requests` concurrent requests). Reported per
 side: output tokens/s, time to first token (TTFT) and inter-token latency (ITL) percentiles.
@@ -263,6 +265,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1,
                     help="with --hf: runs per side and load, the sides alternating; the median run "
                          "is reported")
+    ap.add_argument("--workload", default="default", choices=["default", "shared-prefix", "copy"],
+                    help="shared-prefix: prefix caching on vs off; copy: ngram speculative decoding "
+                         "vs plain at batch 1 and 8 (lmsys.bench.serve_reuse)")
+    ap.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix: system prompt tokens")
+    ap.add_argument("--num-speculative-tokens", type=int, default=4, help="copy: drafted tokens per step")
     args = ap.parse_args(argv)
     if args.hf and args.dtype != "float32":
         ap.error("--hf compares in float32 (both sides); drop --dtype")
@@ -280,6 +287,12 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(2, model.vocab_size, args.prompt_len))) for _ in range(args.requests)]
 
+    if args.workload != "default":
+        from lmsys.bench import serve_reuse
+
+        _header(args, model)
+        return (serve_reuse.shared_prefix if args.workload == "shared-prefix" else serve_reuse.copy_heavy)(
+            params, model, tokenizer, args)
     naive = run_naive(params, model, prompts, args.max_tokens, args)
     engine_obj = make_engine(params, model, tokenizer, args)
     engine = run_engine(engine_obj, prompts, args.max_tokens)
@@ -287,10 +300,7 @@ def main(argv=None) -> dict:
     same = _same(engine, naive)
     ratio = (engine["tokens"] / engine["seconds"]) / (naive["tokens"] / naive["seconds"])
 
-    print("lmsys serving benchmark")
-    print(f"date (UTC)    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S}")
-    print(f"device        {jax.devices()[0].device_kind} (backend {jax.default_backend()}, jax {jax.__version__})")
-    print(f"model         {args.preset}: {llama.count_params(model):,} params, {args.dtype}")
+    _header(args, model)
     print(f"load          {args.requests} concurrent requests x {args.prompt_len} prompt tokens -> "
           f"{args.max_tokens} output tokens (greedy)")
     print()
@@ -304,6 +314,13 @@ def main(argv=None) -> dict:
     if args.hf:
         result.update(_compare_hf(params, model, prompts, args, engine_obj, engine))
     return result
+
+
+def _header(args, model) -> None:
+    print("lmsys serving benchmark")
+    print(f"date (UTC)    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S}")
+    print(f"device        {jax.devices()[0].device_kind} (backend {jax.default_backend()}, jax {jax.__version__})")
+    print(f"model         {args.preset}: {llama.count_params(model):,} params, {args.dtype}")
 
 
 def _median_run(runs: list[dict]) -> dict:

@@ -14,7 +14,8 @@
 Token p of a sequence lives in page `page_table[row, p // page_size]`, slot `p % page_size`.
 Page ids are indices into the pool's second axis; every page is usable. Entries of a row past
 the sequence's last page are 0 and never read (attention masks keys at positions above the
-query's). Pages are allocated on demand, freed when a request ends or is preempted, and reused.
+query's). Pages are allocated on demand, freed when a request ends or is preempted (or kept by
+the prefix cache until the pool needs them: `lmsys.serve.prefix_cache`), and reused.
 
 With a mesh (`rules`), the pool is laid out by the rule table like every other array: KV heads
 over `tensor` (as the attention weights) and pages over the mesh axes of `kv_pages` (`data` by
@@ -47,8 +48,12 @@ cannot represent (top_k >= 2^31, a non-finite temperature, ...) are refused by `
 (RequestError naming the option). `max_tokens=0` prefills the prompt (with `prompt_logprobs`:
 scores it) and ends with "length" without a decode step.
 
+With `speculative="ngram"` the decode step is a verification call of [last token, drafts]
+per row when a row has drafts (`lmsys.serve.speculative`; every step in batch-invariant mode).
+
 Shapes are padded to the scheduler's buckets, so the compilations are exactly
-`len(prefill_buckets) + len(decode_buckets)`, all done by `warmup()`. In batch-invariant mode
+`len(prefill_buckets) + len(decode_buckets)` (plus `len(decode_buckets)` verification calls
+with speculation), all done by `warmup()`. In batch-invariant mode
 there is one bucket of each, so every call has one shape whatever runs beside a request, and a
 request's chunks are always the same slices of its prompt: its numbers never depend on what
 else is running.
@@ -57,6 +62,7 @@ else is running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -76,6 +82,7 @@ from lmsys.serve.constrained import advance, all_allowed
 from lmsys.serve.model_calls import ModelCalls
 from lmsys.serve.outputs import add_prompt_logprobs, append_token, check_options, finish_scoring
 from lmsys.serve.sampling import SamplingParams
+from lmsys.serve.speculative import SPECULATIVE, speculate, warm_verify
 from lmsys.serve.scheduler import Event, GenerationOptions, PagePool, Request, RequestError, Scheduler
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 
@@ -99,6 +106,9 @@ class EngineConfig:
     fine_prefill_widths: bool = False
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
+    prefix_cache: bool = True  # automatic prefix caching (lmsys.serve.prefix_cache)
+    speculative: str = "none"  # "ngram": speculative decoding (lmsys.serve.speculative)
+    num_speculative_tokens: int = 4  # drafted tokens per request and step at most
 
 
 class Engine:
@@ -119,7 +129,7 @@ class Engine:
             num_pages, D, max_slots=c.max_slots, page_size=c.page_size, max_seq_len=c.max_seq_len,
             prefill_chunk=c.prefill_chunk, prefill_tokens=c.prefill_tokens,
             batch_invariant=c.batch_invariant, fine_widths=c.fine_prefill_widths,
-            shard_axes=self.shard_axes)
+            shard_axes=self.shard_axes, prefix_cache=c.prefix_cache)
         self.num_pages = num_pages
 
         if rules is not None:
@@ -131,6 +141,7 @@ class Engine:
 
             params = jax.jit(quantize_params, static_argnums=1)(params, c.quantize)
         self.adapters = adapters
+        self._adapter_versions: dict[str, int] = {}  # bumped by set_adapter: the prefix cache's salt
         if adapters is not None:  # the bank beside the base weights (lmsys.serve.lora)
             params = lora.with_adapters(params, adapters.device_arrays(rules, self.dtype))
         self.params = params
@@ -140,6 +151,11 @@ class Engine:
         self.calls = ModelCalls(model, rules, self.dtype, self.shard_axes)
         self._prefill = self.calls.jit(self.calls.prefill)
         self._decode = self.calls.jit(self.calls.decode)
+        if c.speculative not in SPECULATIVE or c.num_speculative_tokens < 1:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)} with "
+                             f"num_speculative_tokens >= 1, got {c.speculative!r} and "
+                             f"{c.num_speculative_tokens}")
+        self._verify = self.calls.jit(self.calls.verify)
 
         self.grammars = None  # lmsys.serve.constrained.Grammars, made for the first grammar
         self._ids = itertools.count()
@@ -160,7 +176,9 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        return self.scheduler.stats
+        stats = self.scheduler.stats
+        stats["prefix_cache_pages"] = getattr(self.pool, "num_cached", 0)
+        return stats
 
     @property
     def prefill_buckets(self) -> list[tuple[int, int]]:
@@ -172,8 +190,10 @@ class Engine:
 
     def reset_cache(self) -> None:
         """A fresh, empty page pool (e.g. after a failed step that had been handed the old one);
-        requests that held pages must have been aborted."""
+        requests that held pages must have been aborted; the prefix cache is forgotten."""
         self.kv = (self._empty_pages(), self._empty_pages())
+        if hasattr(self.pool, "clear"):
+            self.pool.clear()
 
     # ------------------------------------------------------------------ memory
 
@@ -225,6 +245,10 @@ class Engine:
         if options.adapter and (self.adapters is None or options.adapter not in self.adapters.names):
             raise RequestError(f"the LoRA adapter {options.adapter!r} is not loaded; loaded: "
                                f"{sorted(self.adapters.names) if self.adapters else 'none'}")
+        if options.adapter:  # cached KV pages are shared only within one adapter's version
+            version = self._adapter_versions.get(options.adapter, 0)
+            options = dataclasses.replace(
+                options, cache_salt=f"lora:{options.adapter}:{version}\0{options.cache_salt}")
         self.scheduler.check_fits(len(prompt_ids), options.max_tokens)
         stop_ids = set(options.stop_token_ids)
         if self.eos_token_id is not None and (not options.ignore_eos or options.grammar is not None):
@@ -271,9 +295,12 @@ class Engine:
             for req in [r for r in self.running if r.options.max_tokens == 0]:
                 if len(req.tokens) - 1 - req.num_computed < 1:  # prompt scored: no new token
                     self._isolated(req, finish_scoring, req, self.scheduler)
-            ready = self.scheduler.plan_decode()
-            if ready:
-                self._decode_batch(ready)
+            if self.cfg.speculative == "none":
+                ready = self.scheduler.plan_decode()
+                if ready:
+                    self._decode_batch(ready)
+            else:
+                speculate(self)
 
     def _prefill_chunks(self, chunks: list[tuple[Request, int, int]]) -> None:
         """One prefill call over `chunks`: shard g's rows are [g * R, (g+1) * R) of D * R."""
@@ -305,11 +332,10 @@ class Engine:
         self.stats["prefill_chunks"] += len(chunks)
         self.stats["max_prefill_rows"] = max(self.stats["max_prefill_rows"], len(chunks))
 
-    def _decode_batch(self, batch: list[Request]) -> None:
-        """One decode step of `batch`: shard g's requests fill rows [g * B/D, (g+1) * B/D)."""
+    def _decode_rows(self, batch: list[Request]):
+        """A decode-like call's rows for `batch` (shard g's requests fill rows [g * B/D,
+        (g+1) * B/D)): each request's row, the page table, sampling and log-prob flags."""
         B, P = self.scheduler.decode_shape(batch)
-        toks = np.zeros(B, np.int32)
-        pos = np.full(B, -1, np.int32)
         table = np.zeros((B, P), np.int32)
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         seed, step = np.zeros(B, np.uint32), np.zeros(B, np.int32)
@@ -317,18 +343,29 @@ class Engine:
         rows = self.scheduler.rows(batch, B)
         for i, r in zip(rows, batch):
             o = r.options
-            toks[i], pos[i], table[i] = r.tokens[-1], r.num_computed, self._page_row(r)[:P]
+            table[i] = self._page_row(r)[:P]
             temp[i], top_k[i], top_p[i] = o.temperature, min(o.top_k, self.model.vocab_size), o.top_p
             seed[i], step[i] = o.seed % 2**32, len(r.generated)
             want_logprobs[i] = o.logprobs is not None
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(batch)
+        self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
         sampling = SamplingParams(temp, top_k, top_p, seed, step)
+        return rows, table, sampling, want_logprobs, self._adapter_rows(rows, batch, B)
+
+    def _decode_batch(self, batch: list[Request]) -> None:
+        """One decode step of `batch`."""
+        rows, table, sampling, want_logprobs, adapter = self._decode_rows(batch)
+        B = len(table)
+        toks = np.zeros(B, np.int32)
+        pos = np.full(B, -1, np.int32)
+        for i, r in zip(rows, batch):
+            toks[i], pos[i] = r.tokens[-1], r.num_computed
         allowed = (self.grammars.bitmask(rows, batch, B) if self.grammars is not None
                    else all_allowed(B, self.model.vocab_size))
-        out, self.kv = self._decode(self.params, self.kv, (toks, pos, table, sampling, want_logprobs, allowed,
-                                                           self._adapter_rows(rows, batch, B)))
+        out, self.kv = self._decode(self.params, self.kv,
+                                    (toks, pos, table, sampling, want_logprobs, allowed, adapter))
         out = jax.device_get(out)
-        self.stats["decode_steps"] += 1
-        self.stats["max_decode_batch"] = max(self.stats["max_decode_batch"], len(batch))
         tokens = out.tokens_B.tolist()
         for i, r in zip(rows, batch):
             r.num_computed += 1
@@ -353,6 +390,7 @@ class Engine:
         """Loads (or replaces) LoRA adapter `name` into the bank between steps; no recompilation."""
         with self.lock:
             self.params = self.adapters.set_adapter(self.params, name, adapters, self.rules)
+            self._adapter_versions[name] = self._adapter_versions.get(name, 0) + 1
 
     def _isolated(self, req: Request, fn, *args) -> None:
         """Runs one request's host-side work (its stop strings, detokenizing, its callback); if
@@ -394,8 +432,9 @@ class Engine:
                 bar.update(1)
         if bar:
             bar.close()
+        n = len(shapes) + (0 if self.cfg.speculative == "none" else warm_verify(self))
         jax.block_until_ready(self.kv)
-        return len(shapes)
+        return n
 
     def generate(self, prompts: list[str | list[int]], options: GenerationOptions | None = None) -> list[Request]:
         """Runs prompts (text or token ids) to completion; returns the finished requests."""

@@ -22,6 +22,7 @@ from lmsys.serve.constrained import masked_logits
 from lmsys.serve.lora import with_rows
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
+from lmsys.serve.speculative import verify_output
 
 
 class ModelCalls:
@@ -119,3 +120,13 @@ class ModelCalls:
             valid_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
             return jnp.sum(jnp.where(valid_BT[..., None], x_BTD, 0), axis=1) / lengths_B[:, None]
         return jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+
+    def verify(self, params, kv, rows, rules):
+        """Speculative decoding: [last token, k drafts] per row (unused draft slots at position
+        -1); which drafts the target accepts and the tokens each row emits, with their
+        log-probs when a row asks for them (`lmsys.serve.speculative`)."""
+        tokens_BT, positions_BT, page_table_BP, sampling, num_drafts_B, logprobs_B, adapter_B = rows
+        x_BTD, kv = self.forward(params, kv, tokens_BT, positions_BT, page_table_BP, rules, adapter_B)
+        logits_BTV = self.logits(params, x_BTD, rules)
+        return verify_output(logits_BTV, tokens_BT[:, 1:], num_drafts_B, sampling, logprobs_B,
+                             MAX_TOP_LOGPROBS), kv

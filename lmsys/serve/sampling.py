@@ -56,9 +56,10 @@ def argmax(x_XV: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(is_max_XV, index_V, x_XV.shape[-1] - 1), axis=-1)
 
 
-def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
-    """One row: temperature, then top-k, then top-p, then a Gumbel-max draw with the row's key."""
-    greedy_token = argmax(logits_V)
+def filtered_logits(logits_V, temperature, top_k, top_p):
+    """One row's logits after temperature, then top-k, then top-p, sorted descending (-inf for
+    the tokens filtered out), and the sort order: the row's sampling distribution is the
+    softmax of the former over the tokens of the latter."""
     scaled_V = logits_V / jnp.where(temperature > 0, temperature, 1.0)
     order_V = jnp.argsort(-scaled_V, stable=True)  # descending; ties -> lowest index first
     sorted_V = scaled_V[order_V]
@@ -68,7 +69,13 @@ def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
     probs_V = jax.nn.softmax(sorted_V)
     mass_before_V = jnp.cumsum(probs_V) - probs_V
     keep_V &= (mass_before_V < top_p) | (top_p >= 1.0) | (rank_V == 0)
-    sorted_V = jnp.where(keep_V, sorted_V, -jnp.inf)
+    return order_V, jnp.where(keep_V, sorted_V, -jnp.inf)
+
+
+def _sample_row(logits_V, temperature, top_k, top_p, seed, step):
+    """One row: temperature, then top-k, then top-p, then a Gumbel-max draw with the row's key."""
+    greedy_token = argmax(logits_V)
+    order_V, sorted_V = filtered_logits(logits_V, temperature, top_k, top_p)
     key = jax.random.fold_in(jax.random.key(seed), step)
     gumbel_V = jax.random.gumbel(key, sorted_V.shape, jnp.float32)
     sampled_token = order_V[argmax(sorted_V + gumbel_V)].astype(jnp.int32)

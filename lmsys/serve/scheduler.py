@@ -20,6 +20,14 @@ request admitted into group g gets pages only from shard g's range, and a model 
 Preemption and refusal work per shard: a request that needs more pages than one shard holds is
 refused.
 
+With prefix caching (`prefix_cache=True`, `lmsys.serve.prefix_cache`) the pool is a
+`CachingPagePool`: before each chunk, a request takes the longest run of cached pages that
+continues its computed tokens (never its last token's page: that token is computed for its
+logits; none for prompt log-probs), and its computed full pages are offered to the cache each
+iteration and when it releases them. A request whose next page an older running request is
+computing waits for it (one iteration per chunk) instead of computing it too. Batch-invariant:
+a hit ends on the prefill-chunk grid and only prefilled pages are offered.
+
 ## Scheduling
 
 Between model calls the scheduler admits waiting requests into free slots (up to
@@ -82,6 +90,9 @@ class GenerationOptions:
     prompt_logprobs: int | None = None  # the same for prompt tokens (OpenAI `echo`)
     grammar: str | None = None  # structured output (lmsys.serve.constrained); None = free
     adapter: str = ""  # the LoRA adapter (lmsys.serve.lora) the request runs with; "" = the base
+    # prefix caching: requests share cached KV pages only with the same salt (set it to the
+    # model/adapter version, or per user to keep their caches apart)
+    cache_salt: str = ""
 
 
 @dataclass
@@ -121,6 +132,11 @@ class Request:
     detok: IncrementalDetokenizer | None = None
     stops: StopChecker | None = None
     matcher: object = None  # the grammar's parser state (lmsys.serve.constrained) or None
+    # prefix caching: the chained hashes of its full pages so far, how many of its leading
+    # pages are cached (taken from the cache or offered to it), and its prefilled tokens
+    hashes: list[bytes] = field(default_factory=list)
+    num_cached: int = 0
+    prefill_len: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -182,7 +198,7 @@ class Scheduler:
     def __init__(self, num_pages: int, num_shards: int = 1, *, max_slots: int = 8, page_size: int = 16,
                  max_seq_len: int = 512, prefill_chunk: int = 64, prefill_tokens: int = 0,
                  batch_invariant: bool = False, fine_widths: bool = False,
-                 shard_axes: tuple[str, ...] = ()):
+                 shard_axes: tuple[str, ...] = (), prefix_cache: bool = True):
         if max_seq_len % page_size:
             raise ValueError(f"max_seq_len {max_seq_len} must be a multiple of page_size {page_size}")
         self.page_size, self.max_seq_len, self.prefill_chunk = page_size, max_seq_len, prefill_chunk
@@ -202,7 +218,16 @@ class Scheduler:
                 f"axes {', '.join(shard_axes)}): each data shard serves max_slots/{D} slots; "
                 f"use max_slots={-(-max_slots // D) * D}")
         self.slots_per_shard = max_slots // D
-        self.pool = PagePool(num_pages, D)
+        if prefix_cache:
+            from lmsys.serve.prefix_cache import CachingPagePool
+
+            self.pool = CachingPagePool(num_pages, D)
+        else:
+            self.pool = PagePool(num_pages, D)
+        self.prefix_cache, self.batch_invariant = prefix_cache, batch_invariant
+        # a cache hit ends on a page boundary; batch-invariant: also on the chunk grid, so the
+        # rest of the prompt is prefilled in the same slices as without the cache
+        self.hit_align = math.lcm(page_size, prefill_chunk) if batch_invariant else page_size
         # prefill buckets: (rows of all shards, chunk length); decode: (rows of all shards, pages)
         if batch_invariant:
             rows = min(self.slots_per_shard, self.prefill_tokens // prefill_chunk)
@@ -220,10 +245,12 @@ class Scheduler:
                                    for p in _buckets(self.pages_per_seq)]
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_chunks": 0,
+        self.stats = {"decode_steps": 0, "decode_rows": 0, "prefill_calls": 0, "prefill_chunks": 0,
                       "max_prefill_rows": 0, "max_decode_batch": 0, "preemptions": 0,
                       "generated_tokens": 0, "finished": 0, "failed": 0,
-                      "max_waiting": 0}
+                      "max_waiting": 0, "prefilled_tokens": 0, "prefix_cache_hit_tokens": 0,
+                      "prefix_cache_query_tokens": 0, "spec_draft_tokens": 0,
+                      "spec_accepted_tokens": 0}
 
     # ------------------------------------------------------------------ requests
 
@@ -255,16 +282,14 @@ class Scheduler:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
-        self.pool.release(req.pages)
-        req.pages = []
+        self._release(req)
         if not req.done:
             req.finish_reason = "abort"
 
     def finish(self, req: Request) -> None:
         """Frees the slot and pages of a request that has just finished."""
         self.running.remove(req)
-        self.pool.release(req.pages)
-        req.pages = []
+        self._release(req)
         self.stats["finished"] += 1
 
     def has_work(self) -> bool:
@@ -275,10 +300,24 @@ class Scheduler:
     def _pages_for(self, req: Request, num_tokens: int) -> int:
         return max(0, math.ceil(num_tokens / self.page_size) - len(req.pages))
 
+    def _offer(self, req: Request) -> None:
+        """Offers the request's computed full pages to the prefix cache (batch-invariant: only
+        the prefilled ones, whose numbers do not depend on how they were computed)."""
+        if self.prefix_cache:
+            from lmsys.serve.prefix_cache import offer_pages
+
+            upto = min(req.num_computed, req.prefill_len) if self.batch_invariant else req.num_computed
+            offer_pages(self.pool, req, self.page_size, upto)
+
+    def _release(self, req: Request) -> None:
+        self._offer(req)
+        self.pool.release(req.pages)
+        req.pages, req.num_cached = [], 0
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.pool.release(req.pages)
-        req.pages, req.num_computed = [], 0
+        self._release(req)
+        req.num_computed = 0
         req.preemptions += 1
         self.stats["preemptions"] += 1
         self.waiting.appendleft(req)
@@ -317,6 +356,8 @@ class Scheduler:
             g = min(open_, key=lambda g: (load[g], -self.pool.num_free_in(g), g))
             req = self.waiting.popleft()
             req.shard, load[g] = g, load[g] + 1
+            req.prefill_len = len(req.tokens) - 1
+            self.stats["prefix_cache_query_tokens"] += len(req.tokens) * self.prefix_cache
             self.running.append(req)
 
     def prefill_bucket(self, rows: int, width: int) -> tuple[int, int] | None:
@@ -330,7 +371,21 @@ class Scheduler:
         prefilling, oldest first, each with its next chunk while the call still fits a bucket;
         each one's pages are reserved (which may preempt newer requests of its shard)."""
         chunks, rows, width = [], [0] * self.num_shards, 0
-        for req in sorted(self.running, key=lambda r: (r.arrival, r.id)):
+        order = sorted(self.running, key=lambda r: (r.arrival, r.id))
+        if self.prefix_cache:
+            from lmsys.serve import prefix_cache as pc
+
+            for req in order:
+                self._offer(req)
+            claimed = pc.claims([r for r in order if len(r.tokens) - 1 > r.num_computed], self.page_size)
+        for req in order:
+            if self.prefix_cache and req in self.running:
+                self.stats["prefix_cache_hit_tokens"] += pc.take_hit(self.pool, req, self.page_size,
+                                                                      self.hit_align)
+                i = req.num_computed // self.page_size
+                if i < pc.lookup_limit(req, self.page_size) and claimed.get(
+                        (req.shard, req.hashes[i]), req) is not req:
+                    continue  # an older request is computing its next page: take it from the cache
             left = len(req.tokens) - 1 - req.num_computed
             if left < 1 or req not in self.running:  # decoding, or preempted just now
                 continue
@@ -339,16 +394,22 @@ class Scheduler:
                 continue
             if self._reserve(req, req.num_computed + n):
                 chunks.append((req, req.num_computed, n))
+                self.stats["prefilled_tokens"] += n
                 rows[req.shard] += 1
                 width = max(width, n)
         return chunks
 
-    def plan_decode(self) -> list[Request]:
-        """This iteration's decode batch: the running requests whose next input is one token,
-        oldest first, each with a page for it (a reservation may preempt newer ones)."""
-        decoding = sorted((r for r in self.running if len(r.tokens) - r.num_computed == 1),
-                          key=lambda r: (r.arrival, r.id))
-        ready = [r for r in decoding if r in self.running and self._reserve(r, r.num_computed + 1)]
+    def decoding(self) -> list[Request]:
+        """The running requests whose next input is one token, oldest first."""
+        return sorted((r for r in self.running if len(r.tokens) - r.num_computed == 1),
+                      key=lambda r: (r.arrival, r.id))
+
+    def plan_decode(self, drafts: Callable[[Request], int] = lambda r: 0) -> list[Request]:
+        """This iteration's decode batch: the `decoding` requests, each with pages for its
+        token and its `drafts(r)` drafted ones (speculative decoding; a reservation may preempt
+        newer requests)."""
+        ready = [r for r in self.decoding()
+                 if r in self.running and self._reserve(r, r.num_computed + 1 + drafts(r))]
         return [r for r in ready if r in self.running]  # a later reservation may preempt
 
     def _most_per_shard(self, reqs: list[Request]) -> int:

@@ -266,6 +266,20 @@ class Metrics:
         Gauge("lmsys_kv_pages_used", "KV cache pages in use", registry=r).set_function(lambda: engine.pool.num_used)
         Gauge("lmsys_kv_pages_total", "KV cache pages in the pool", registry=r).set_function(
             lambda: engine.pool.num_pages)
+        stats = lambda key: lambda: engine.stats[key]  # noqa: E731
+        Gauge("lmsys_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache (not computed)",
+              registry=r).set_function(stats("prefix_cache_hit_tokens"))
+        Gauge("lmsys_prefix_cache_hit_rate", "Prefix cache hit tokens / prompt tokens looked up",
+              registry=r).set_function(lambda: engine.stats["prefix_cache_hit_tokens"] / max(
+                  1, engine.stats["prefix_cache_query_tokens"]))
+        Gauge("lmsys_prefix_cache_pages", "KV pages held in the prefix cache (in use or idle)",
+              registry=r).set_function(stats("prefix_cache_pages"))
+        Gauge("lmsys_spec_acceptance_rate", "Speculative decoding: accepted / drafted tokens",
+              registry=r).set_function(lambda: engine.stats["spec_accepted_tokens"] / max(
+                  1, engine.stats["spec_draft_tokens"]))
+        Gauge("lmsys_spec_tokens_per_step", "Tokens generated per request per decode step",
+              registry=r).set_function(lambda: engine.stats["generated_tokens"] / max(
+                  1, engine.stats["decode_rows"]))
         self.ttft = Histogram("lmsys_time_to_first_token_seconds", "Arrival to first generated token",
                               registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
         self.key_requests = Counter("lmsys_key_requests", "HTTP requests by API key name and status",
