@@ -92,6 +92,9 @@ def check_pipeline(cfg: Config, stages: int) -> None:
     """The layers split into `stages` x `pipeline.repeats` equal chunks, and every stage gets
     work: at least `stages` microbatches, each a whole number of rows."""
     chunks = stages * cfg.pipeline.repeats
+    check_key(not cfg.model.global_every, "model.global_every", cfg.model.global_every,
+              "(windowed and global layers mixed) does not run in a pipeline yet (a stage's "
+              "layers do not know their index); use mesh.stage=1")
     check_key(cfg.model.n_layers % chunks == 0, "model.n_layers", cfg.model.n_layers,
               f"must be divisible by mesh.stage x pipeline.repeats = {stages} x {cfg.pipeline.repeats} "
               f"= {chunks} (equal layer chunks per stage); change mesh.stage or pipeline.repeats")
@@ -103,3 +106,24 @@ def check_pipeline(cfg: Config, stages: int) -> None:
     check_key(rows % m == 0, "pipeline.microbatches", m,
               f"must divide the {rows} sequences of each batch (batch_size / grad_accum); "
               f"choose a divisor of {rows} that is >= {stages}")
+
+
+MLP_ACTS = ("silu", "gelu_tanh")
+
+
+def check_family(cfg: Config) -> None:
+    """The keys of the other model families' features: windows, Gemma's options, router variants."""
+    m = cfg.model
+    for key in ("sliding_window", "global_every", "rope_local_theta", "query_pre_attn_scalar",
+                "attn_soft_cap", "final_soft_cap", "shared_d_ff"):
+        check_key(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0 (0 = off)")
+    check_key(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act, f"must be one of {', '.join(MLP_ACTS)}")
+    check_key(m.sliding_window or not m.global_every, "model.global_every", m.global_every,
+              "needs a model.sliding_window (the other layers' window)")
+    check_key(m.sliding_window or not m.rope_local_theta, "model.rope_local_theta", m.rope_local_theta,
+              "needs a model.sliding_window (it is the windowed layers' RoPE base)")
+    check_key(m.n_shared_experts or not (m.shared_expert_gate or m.shared_d_ff),
+              "model.n_shared_experts", m.n_shared_experts,
+              "must be > 0 with model.shared_expert_gate or model.shared_d_ff")
+    check_key(not (m.final_soft_cap and cfg.loss_chunk), "loss_chunk", cfg.loss_chunk,
+              "must be 0 with model.final_soft_cap (the chunked loss has no output soft cap)")
