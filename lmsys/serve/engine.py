@@ -33,7 +33,9 @@ more pages than one shard holds is refused.
 
 `lmsys.serve.scheduler` decides, between model calls, which requests run, which pages they
 hold and what each call carries (admission, chunked and batched prefill, preemption by
-recompute, shape buckets); the engine runs the calls. Each iteration is one batched prefill
+recompute, shape buckets); the engine runs the calls: their jitted device side is
+`lmsys.serve.model_calls`, a request's host side (options, stop rules, output, events)
+`lmsys.serve.outputs`. Each iteration is one batched prefill
 call and one decode step. The prefill call computes the output projection only when one of its
 rows asks for prompt log-probs (`echo`; a `lax.cond` inside the one compiled function), else
 only the KV cache. The decode step computes the log-softmax and top log-probs over the
@@ -59,33 +61,24 @@ import itertools
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from lmsys.config import ModelConfig
 from lmsys.models import llama
 from lmsys.parallel import Rules
 from lmsys.parallel.sharded_kernels import POOL_AXES
-from lmsys.serve.sampling import SamplingParams, next_token_logprobs, sample
-from lmsys.serve.scheduler import (
-    MAX_TOP_LOGPROBS,
-    Event,
-    GenerationOptions,
-    PagePool,
-    Request,
-    RequestError,
-    Scheduler,
-)
+from lmsys.serve.model_calls import ModelCalls
+from lmsys.serve.outputs import add_prompt_logprobs, append_token, check_options, finish_scoring
+from lmsys.serve.sampling import SamplingParams
+from lmsys.serve.scheduler import Event, GenerationOptions, PagePool, Request, RequestError, Scheduler
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 
 log = logging.getLogger(__name__)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -102,26 +95,6 @@ class EngineConfig:
     batch_invariant: bool = False
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
-
-
-def check_options(o: GenerationOptions) -> None:
-    """RequestError naming the option if the engine cannot represent it (the decode step holds
-    top_k, the step index and the seed in 32 bits, temperature and top_p in float32)."""
-    def bad(name, rule, value):
-        raise RequestError(f"{name} must be {rule}, got {value!r}", param=name)
-
-    if not 0 <= o.max_tokens < 2**31:
-        bad("max_tokens", "in [0, 2^31)", o.max_tokens)
-    if not (math.isfinite(o.temperature) and 0 <= o.temperature <= FLOAT32_MAX):
-        bad("temperature", "a finite float32 >= 0", o.temperature)
-    if not 0 <= o.top_k < 2**31:
-        bad("top_k", "in [0, 2^31) (0 = off)", o.top_k)
-    if not (math.isfinite(o.top_p) and 0 < o.top_p <= 1):
-        bad("top_p", "in (0, 1]", o.top_p)
-    if o.logprobs is not None and not 0 <= o.logprobs <= MAX_TOP_LOGPROBS:
-        bad("logprobs", f"in [0, {MAX_TOP_LOGPROBS}]", o.logprobs)
-    if o.prompt_logprobs is not None and not 0 <= o.prompt_logprobs <= MAX_TOP_LOGPROBS:
-        bad("logprobs", f"in [0, {MAX_TOP_LOGPROBS}]", o.prompt_logprobs)
 
 
 class Engine:
@@ -155,8 +128,9 @@ class Engine:
         self._empty_pages = jax.jit(lambda: jnp.zeros(self._pool_shape, self.dtype),
                                     out_shardings=None if rules is None else self._kv_sharding)
         self.reset_cache()
-        self._prefill = jax.jit(self._per_shard(self._prefill_fn), donate_argnums=1)
-        self._decode = jax.jit(self._per_shard(self._decode_fn), donate_argnums=1)
+        self.calls = ModelCalls(model, rules, self.dtype, self.shard_axes)
+        self._prefill = self.calls.jit(self.calls.prefill)
+        self._decode = self.calls.jit(self.calls.decode)
 
         self._ids = itertools.count()
         self.lock = threading.Lock()
@@ -212,63 +186,6 @@ class Engine:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             return D * max(1, int(free * c.memory_fraction) // page_bytes)
         return c.max_slots * (c.max_seq_len // c.page_size)
-
-    # ------------------------------------------------------------------ jitted functions
-
-    def _per_shard(self, fn):
-        """`fn(params, kv, rows, rules) -> (out, kv)` run by each data shard on its own rows
-        (every leaf of `rows` and `out` has the batch first) and its own pages: a shard_map
-        manual over the page axes (tensor and fsdp stay automatic inside)."""
-        if self.num_shards == 1:
-            return lambda params, kv, rows: fn(params, kv, rows, self.rules)
-        axes = self.shard_axes
-        rows, pages = PartitionSpec(axes), PartitionSpec(None, axes)
-        # check_vma=False: every output is per shard anyway, and a Pallas kernel's outputs (the
-        # paged decode kernel, attention_impl="pallas") carry no manual-axis types
-        return jax.shard_map(lambda params, kv, rows: fn(params, kv, rows, self.rules.manual(axes)),
-                             mesh=self.rules.mesh, in_specs=(PartitionSpec(), pages, rows),
-                             out_specs=(rows, pages), axis_names=set(axes), check_vma=False)
-
-    def _forward(self, params, kv, tokens_BT, positions_BT, page_table_BP, rules):
-        """The final hidden states [B, T, D] (no output projection) and the updated pool."""
-        cache = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
-        x_BTD, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
-                                   dtype=self.dtype, cache=cache, logits=False)
-        return x_BTD, (aux["cache"]["k"], aux["cache"]["v"])
-
-    def _logits(self, params, x_BTD, rules):
-        logits_BTV = llama.unembed(params, x_BTD, cfg=self.model, rules=rules, dtype=self.dtype)
-        if rules is not None:
-            # sampling and log-probs work on whole rows of the vocabulary: gather it here (left
-            # to the partitioner inside the data shard_map, jaxlib 0.10.2's SPMD partitioner
-            # aborts on their gathers when the vocabulary splits over `tensor` and the rows or
-            # positions over `fsdp` or `sequence`)
-            logits_BTV = rules.constrain(logits_BTV, ("batch", "seq", None))
-        return logits_BTV
-
-    def _prefill_fn(self, params, kv, rows, rules):
-        """One chunk of one prompt per row: fills the cache. Only when a row of the call asks
-        for them (`echo_B`), also the log-probs of each next prompt token (for `echo`) with the
-        top alternatives; otherwise zeros, and the output projection is skipped."""
-        tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP = rows
-        x_BCD, kv = self._forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules)
-
-        def echo(x_BCD):
-            return next_token_logprobs(self._logits(params, x_BCD, rules), targets_BC, MAX_TOP_LOGPROBS)
-
-        def skip(x_BCD):
-            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(echo, x_BCD))
-
-        return jax.lax.cond(jnp.any(echo_B), echo, skip, x_BCD), kv
-
-    def _decode_fn(self, params, kv, rows, rules):
-        """One token per row; the log-probs (and top alternatives) only when a row of the call
-        asks for them (`logprobs_B`), else zeros."""
-        tokens_B, positions_B, page_table_BP, sampling, logprobs_B = rows
-        x_B1D, kv = self._forward(params, kv, tokens_B[:, None], positions_B[:, None],
-                                  page_table_BP, rules)
-        logits_BV = self._logits(params, x_B1D, rules)[:, 0]
-        return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 
     # ------------------------------------------------------------------ requests
 
@@ -329,7 +246,7 @@ class Engine:
                 self._prefill_chunks(chunks)
             for req in [r for r in self.running if r.options.max_tokens == 0]:
                 if len(req.tokens) - 1 - req.num_computed < 1:  # prompt scored: no new token
-                    self._isolated(req, self._finish_scoring, req)
+                    self._isolated(req, finish_scoring, req, self.scheduler)
             ready = self.scheduler.plan_decode()
             if ready:
                 self._decode_batch(ready)
@@ -355,15 +272,7 @@ class Engine:
         out, self.kv = self._prefill(self.params, self.kv, (toks, pos, tgt, echo_rows, table))
         lp, top_ids, top_lps = jax.device_get(out) if echo else (None, None, None)
         for i, (req, start, n) in echo:
-            k = req.options.prompt_logprobs
-            if start == 0 and not req.prompt_token_logprobs:
-                req.prompt_token_logprobs.append(None)  # the first token has no prefix
-                req.prompt_top_logprobs.append(None)
-            for j in range(n):
-                if len(req.prompt_token_logprobs) < len(req.prompt_ids):
-                    req.prompt_token_logprobs.append(float(lp[i, j]))
-                    req.prompt_top_logprobs.append(
-                        {int(t): float(v) for t, v in zip(top_ids[i, j, :k], top_lps[i, j, :k])})
+            add_prompt_logprobs(req, start, n, lp[i], top_ids[i], top_lps[i])
         for req, _, n in chunks:
             req.num_computed += n
         self.stats["prefill_calls"] += 1
@@ -395,9 +304,9 @@ class Engine:
         for i, r in zip(rows, batch):
             r.num_computed += 1
             if r.options.logprobs is None:
-                self._isolated(r, self._append, r, tokens[i], 0.0, {})
+                self._isolated(r, append_token, r, self.scheduler, tokens[i], 0.0, {})
             else:
-                self._isolated(r, self._append, r, tokens[i], float(out.logprobs_B[i]), dict(zip(
+                self._isolated(r, append_token, r, self.scheduler, tokens[i], float(out.logprobs_B[i]), dict(zip(
                     out.top_tokens_BK[i].tolist(), out.top_logprobs_BK[i].tolist())))
 
     def _isolated(self, req: Request, fn, *args) -> None:
@@ -413,44 +322,6 @@ class Engine:
             if req.on_event:
                 with contextlib.suppress(Exception):
                     req.on_event(Event("", [], [], [], "error"))
-
-    def _finish_scoring(self, req: Request) -> None:
-        """Ends a `max_tokens=0` request once its prompt is scored (no new token)."""
-        if req.options.prompt_logprobs is not None and not req.prompt_token_logprobs:
-            req.prompt_token_logprobs.append(None)  # a one-token prompt: nothing to score
-            req.prompt_top_logprobs.append(None)
-        req.finish_reason = "length"
-        self.scheduler.finish(req)
-        if req.on_event:
-            req.on_event(Event("", [], [], [], "length"))
-
-    def _append(self, req: Request, token: int, logprob: float, top: dict[int, float]) -> None:
-        """Records a sampled token, applies the stop rules, emits the new text."""
-        o, stops = req.options, req.stops
-        if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
-        req.generated.append(token)
-        self.stats["generated_tokens"] += 1
-        text = stops.add(token, req.detok.add(token))
-        finish = None
-        if not stops.stopped and len(req.generated) >= o.max_tokens:
-            text += stops.add(token, req.detok.flush())
-            if not stops.stopped:
-                text, finish = text + stops.flush(), "length"
-        if stops.stopped:
-            finish = "stop"
-        kept = [] if stops.matched == token else [token]  # a stop token is not part of the output
-        new_lp, new_top = [], []
-        if o.logprobs is not None and kept:
-            new_lp, new_top = [logprob], [dict(itertools.islice(top.items(), o.logprobs))]
-            req.token_logprobs += new_lp
-            req.top_logprobs += new_top
-        req.text += text
-        if finish:
-            req.finish_reason = finish
-            self.scheduler.finish(req)
-        if req.on_event:
-            req.on_event(Event(text, kept, new_lp, new_top, finish))
 
     # ------------------------------------------------------------------ offline use
 

@@ -1,0 +1,86 @@
+"""The engine's device side: the jitted model calls over the paged KV pool.
+
+Each call is a pure function `fn(params, kv, rows, rules) -> (out, kv)`: `kv` is the page pool
+(keys, values: [n_layers, num_pages, page_size, n_kv_heads, head_dim]), donated and returned
+updated; every leaf of `rows` and `out` has the batch first. With data-parallel serving the call
+runs per data shard (`per_shard`): rows [g * B/D, (g+1) * B/D) on shard g against its own pages.
+The host side (which requests run, which pages they hold, what a row carries) is
+`lmsys.serve.scheduler` and `lmsys.serve.engine`; a new kind of call (verification of drafted
+tokens, embeddings, ...) is a new method here, jitted by `ModelCalls.jit`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lmsys.config import ModelConfig
+from lmsys.models import llama
+from lmsys.parallel import Rules
+from lmsys.serve.sampling import next_token_logprobs, sample
+from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
+
+
+class ModelCalls:
+    def __init__(self, model: ModelConfig, rules: Rules | None, dtype, shard_axes: tuple[str, ...]):
+        self.model, self.rules, self.dtype, self.shard_axes = model, rules, dtype, shard_axes
+
+    def jit(self, fn):
+        """`fn` jitted per data shard, the pool donated."""
+        return jax.jit(self.per_shard(fn), donate_argnums=1)
+
+    def per_shard(self, fn):
+        """`fn(params, kv, rows, rules) -> (out, kv)` run by each data shard on its own rows
+        (every leaf of `rows` and `out` has the batch first) and its own pages: a shard_map
+        manual over the page axes (tensor and fsdp stay automatic inside)."""
+        if not self.shard_axes:
+            return lambda params, kv, rows: fn(params, kv, rows, self.rules)
+        axes = self.shard_axes
+        rows, pages = PartitionSpec(axes), PartitionSpec(None, axes)
+        # check_vma=False: every output is per shard anyway, and a Pallas kernel's outputs (the
+        # paged decode kernel, attention_impl="pallas") carry no manual-axis types
+        return jax.shard_map(lambda params, kv, rows: fn(params, kv, rows, self.rules.manual(axes)),
+                             mesh=self.rules.mesh, in_specs=(PartitionSpec(), pages, rows),
+                             out_specs=(rows, pages), axis_names=set(axes), check_vma=False)
+
+    def forward(self, params, kv, tokens_BT, positions_BT, page_table_BP, rules):
+        """The final hidden states [B, T, D] (no output projection) and the updated pool."""
+        cache = {"k": kv[0], "v": kv[1], "page_table": page_table_BP}
+        x_BTD, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                                   dtype=self.dtype, cache=cache, logits=False)
+        return x_BTD, (aux["cache"]["k"], aux["cache"]["v"])
+
+    def logits(self, params, x_BTD, rules):
+        logits_BTV = llama.unembed(params, x_BTD, cfg=self.model, rules=rules, dtype=self.dtype)
+        if rules is not None:
+            # sampling and log-probs work on whole rows of the vocabulary: gather it here (left
+            # to the partitioner inside the data shard_map, jaxlib 0.10.2's SPMD partitioner
+            # aborts on their gathers when the vocabulary splits over `tensor` and the rows or
+            # positions over `fsdp` or `sequence`)
+            logits_BTV = rules.constrain(logits_BTV, ("batch", "seq", None))
+        return logits_BTV
+
+    def prefill(self, params, kv, rows, rules):
+        """One chunk of one prompt per row: fills the cache. Only when a row of the call asks
+        for them (`echo_B`), also the log-probs of each next prompt token (for `echo`) with the
+        top alternatives; otherwise zeros, and the output projection is skipped."""
+        tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP = rows
+        x_BCD, kv = self.forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules)
+
+        def echo(x_BCD):
+            return next_token_logprobs(self.logits(params, x_BCD, rules), targets_BC, MAX_TOP_LOGPROBS)
+
+        def skip(x_BCD):
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(echo, x_BCD))
+
+        return jax.lax.cond(jnp.any(echo_B), echo, skip, x_BCD), kv
+
+    def decode(self, params, kv, rows, rules):
+        """One token per row; the log-probs (and top alternatives) only when a row of the call
+        asks for them (`logprobs_B`), else zeros."""
+        tokens_B, positions_B, page_table_BP, sampling, logprobs_B = rows
+        x_B1D, kv = self.forward(params, kv, tokens_B[:, None], positions_B[:, None],
+                                 page_table_BP, rules)
+        logits_BV = self.logits(params, x_B1D, rules)[:, 0]
+        return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
