@@ -65,6 +65,9 @@ class ModelConfig:
     sliding_window: int = 0
     global_every: int = 0
     rope_local_theta: float = 0.0
+    # linear RoPE scaling (positions / factor) of the global layers when windowed ones are mixed
+    # in (Gemma 3's larger models), of every layer otherwise; 0 = off
+    rope_linear_factor: float = 0.0
     # Gemma: the gated MLP's activation (silu: SwiGLU | gelu_tanh: GeGLU), embeddings scaled by
     # sqrt(d_model), RMSNorms on the attention and MLP outputs too, (1 + w) norms, queries scaled by
     # query_pre_attn_scalar^-0.5 (0: head_dim), soft caps cap x tanh(x / cap) on the attention

@@ -41,11 +41,12 @@ FAMILIES = {  # name: (config class, model class, fields beside COMMON, ModelCon
                dict(GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=20.0),
                dict(global_every=2, attn_soft_cap=5.0, final_soft_cap=20.0, norm_plus_one=True,
                     mlp_act="gelu_tanh", query_pre_attn_scalar=24.0, tie_embeddings=True)),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # 5 local : 1 global, two RoPE bases
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # 5 local : 1 global, two RoPE bases, the global one scaled
                dict(GEMMA, num_hidden_layers=6, rope_parameters={
                    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
-                   "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+                   "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}),
                dict(global_every=6, rope_local_theta=100.0, rope_theta=10000.0, qk_norm=True,
+                    rope_linear_factor=4.0,
                     post_norms=True, embed_scale=True)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",  # softmax over the top-2 of 4
                 dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),

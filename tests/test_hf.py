@@ -405,7 +405,7 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn'"),
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'linear'"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'dynamic'"),
     (dict(model_type="mistral", sliding_window=0, layer_types=["sliding_attention"]), "positive window"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=64), "use_sliding_window"),
     (dict(num_key_value_heads=3), "model.n_heads.*n_kv_heads"),

@@ -48,10 +48,10 @@ def _rope(hf: dict, layer_type: str = "full_attention") -> tuple[float, dict | N
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
             scaling = None
-        elif kind != "llama3":
+        elif kind not in ("llama3", "linear"):
             raise ConversionError(
                 f"HF config rope_scaling rope_type '{kind}' is not supported by lmsys (only "
-                f"'llama3' and none); pick a checkpoint without it")
+                f"'llama3', 'linear' and none); pick a checkpoint without it")
     return float(theta), scaling
 
 
@@ -88,11 +88,13 @@ def _windows(hf: dict, model_type: str, refuse) -> dict:
         refuse("layer_types", types, "lmsys runs every n-th layer globally and the others "
                "windowed, not this pattern")
     out = {"sliding_window": window, "global_every": every}
-    local_theta, local_scaling = _rope(hf, "sliding_attention")
-    if local_scaling is not None:
-        refuse("rope_parameters", local_scaling, "the windowed layers' RoPE has no scaling in lmsys")
-    if full and local_theta != _rope(hf)[0]:
-        out["rope_local_theta"] = local_theta
+    if full:  # mixed: the windowed layers' RoPE
+        local_theta, local_scaling = _rope(hf, "sliding_attention")
+        if local_scaling is not None:
+            refuse("rope_parameters", local_scaling, "the windowed layers' RoPE has no scaling in "
+                   "lmsys when global layers are mixed in")
+        if local_theta != _rope(hf)[0]:
+            out["rope_local_theta"] = local_theta
     return out
 
 
@@ -163,9 +165,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
                   mlp_act=ACTIVATIONS[act])
     fields.update(_windows(hf, model_type, refuse))
     fields.update(_family_fields(hf, model_type, refuse))
-    if scaling is not None:
-        if not isinstance(scaling.get("factor"), (int, float)):
-            refuse("rope_scaling", scaling, "a llama3 rope scaling needs a numeric factor")
+    if scaling is not None and not isinstance(scaling.get("factor"), (int, float)):
+        refuse("rope_scaling", scaling, "a rope scaling needs a numeric factor")
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "linear":
+        fields.update(rope_linear_factor=float(scaling["factor"]))
+    elif scaling is not None:
         fields.update(rope_scaling_factor=float(scaling["factor"]),
                       rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
                       rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
@@ -241,6 +245,8 @@ def config_to_hf(model: ModelConfig, dtype: str = "float32", base: dict | None =
                    "high_freq_factor": model.rope_high_freq_factor,
                    "original_max_position_embeddings": model.rope_original_max_position}
         max_pos = max_pos or int(model.rope_original_max_position * model.rope_scaling_factor)
+    if model.rope_linear_factor:
+        scaling = {"rope_type": "linear", "factor": model.rope_linear_factor}
     cfg = {
         "architectures": [arch],
         "model_type": model_type,

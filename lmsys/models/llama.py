@@ -105,7 +105,8 @@ def count_params(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x L x N x H x seq_len
-    for attention scores and values (PaLM appendix B). The embedding lookup is no matmul; the
+    for attention scores and values (PaLM appendix B; a windowed layer's seq_len is at most
+    its window). The embedding lookup is no matmul; the
     output projection is (tied or not)."""
     matmul_params = count_params(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
     matmul_params -= cfg.d_model * ((4 if cfg.post_norms else 2) * cfg.n_layers + 1)  # norms
@@ -113,7 +114,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if cfg.n_experts:  # each token runs experts_per_token of the n_experts routed experts
         routed = 3 * cfg.n_layers * cfg.n_experts * cfg.d_model * (cfg.moe_d_ff or cfg.d_ff)
         matmul_params -= routed * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    # a windowed layer's queries see at most `sliding_window` keys
+    context = sum(seq_len if is_global_layer(cfg, i) else min(seq_len, cfg.sliding_window)
+                  for i in range(cfg.n_layers))
+    return 6.0 * matmul_params + 12.0 * cfg.n_heads * cfg.head_dim * context
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -126,12 +130,16 @@ def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float, plus_one: bool = Fals
     return (x * (w_D.astype(jnp.float32) + (1.0 if plus_one else 0.0))).astype(x_BTD.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
-    """Inverse frequencies [head_dim/2] of base `theta` (default rope_theta), with Llama-3 scaling
-    when rope_scaling_factor > 0: long wavelengths are divided by the factor, short ones kept,
-    the band between blended."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies [head_dim/2] of base rope_theta (`local`: of the windowed layers mixed
+    with global ones, base rope_local_theta, unscaled), divided by rope_linear_factor if set, or
+    with Llama-3 scaling when rope_scaling_factor > 0: long wavelengths are divided by the factor,
+    short ones kept, the band between blended."""
     H = cfg.head_dim
-    inv_freq = 1.0 / ((theta or cfg.rope_theta) ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if cfg.rope_linear_factor and not local:
+        return inv_freq / cfg.rope_linear_factor
     if not cfg.rope_scaling_factor:
         return inv_freq
     factor, orig = cfg.rope_scaling_factor, cfg.rope_original_max_position
@@ -270,8 +278,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
       states [batch, seq, d_model] in the compute dtype, which `unembed` turns into the logits.
     """
     inv_freq = rope_frequencies(cfg)
-    if cfg.rope_local_theta:  # the windowed layers' own base: each layer picks its row
-        inv_freq = jnp.stack([inv_freq, rope_frequencies(cfg, cfg.rope_local_theta)])
+    if cfg.global_every and (cfg.rope_local_theta or cfg.rope_linear_factor):
+        inv_freq = jnp.stack([inv_freq, rope_frequencies(cfg, local=True)])  # each layer its row
     x_BTD = embed_lookup(params["embed"].astype(dtype), tokens_BT, rules)
     if cfg.embed_scale:  # Gemma: x sqrt(d_model), rounded to the compute dtype first
         x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, dtype)

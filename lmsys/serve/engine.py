@@ -77,6 +77,7 @@ from lmsys.serve.outputs import add_prompt_logprobs, append_token, check_options
 from lmsys.serve.sampling import SamplingParams
 from lmsys.serve.scheduler import Event, GenerationOptions, PagePool, Request, RequestError, Scheduler
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
+from lmsys.serve.window_pages import recycling_window
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class Engine:
         self.scheduler = Scheduler(
             num_pages, D, max_slots=c.max_slots, page_size=c.page_size, max_seq_len=c.max_seq_len,
             prefill_chunk=c.prefill_chunk, prefill_tokens=c.prefill_tokens,
-            batch_invariant=c.batch_invariant, shard_axes=self.shard_axes)
+            batch_invariant=c.batch_invariant, shard_axes=self.shard_axes,
+            window=recycling_window(model))
         self.num_pages = num_pages
 
         if rules is not None:
