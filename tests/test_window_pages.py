@@ -37,8 +37,9 @@ def test_long_conversations_on_a_pool_of_a_few_windows():
     params = llama.init(jax.random.key(0), cfg)
     tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
     num_pages = 3 * WINDOW // PAGE  # 48 tokens; each conversation is 160
-    engine = Engine(params, cfg, tokenizer, EngineConfig(
-        max_slots=2, page_size=PAGE, max_seq_len=192, prefill_chunk=8, num_pages=num_pages))
+    engine = Engine(params, cfg, tokenizer, EngineConfig(  # one shape per call kind
+        max_slots=2, page_size=PAGE, max_seq_len=192, prefill_chunk=8, num_pages=num_pages,
+        batch_invariant=True))
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(1, 64, n))) for n in (40, 27)]
     reqs = [engine.add_request(p, GenerationOptions(max_tokens=160 - len(p), ignore_eos=True,
