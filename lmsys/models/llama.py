@@ -3,10 +3,12 @@
     params = init(key, cfg)                       # float32, layers stacked on a leading axis
     logits_BTV, aux = forward(params, tokens_BT, positions_BT, segment_ids_BT, cfg=cfg)
 
-RMSNorm, RoPE (with Llama-3 frequency scaling), grouped-query attention, SwiGLU, tied or untied
-embeddings, optional qkv bias, optional per-head q/k RMSNorm (Qwen3), and with `n_experts` > 0 a
-Mixtral/DeepSeek-style mixture-of-experts MLP (lmsys.models.moe; its router losses come back in
-aux). The layer's attention is one call, lmsys.models.attention.layer_attention (mesh, backend
+RMSNorm, RoPE (with Llama-3 or linear frequency scaling), grouped-query attention, SwiGLU, tied or
+untied embeddings, optional qkv bias, optional per-head q/k RMSNorm (Qwen3), and with `n_experts`
+> 0 a Mixtral/DeepSeek/Qwen-MoE-style mixture-of-experts MLP (lmsys.models.moe; its router losses
+come back in aux). Sliding-window layers (all, or mixed with global ones, each kind with its own
+RoPE base) and Gemma 2/3's block (GeGLU, norms on the attention and MLP outputs, (1 + w) norms,
+scaled embeddings and queries, soft caps) are config options of the same block. The layer's attention is one call, lmsys.models.attention.layer_attention (mesh, backend
 and KV-cache routing live there). Each parameter's shape and logical axes are declared once, in
 `param_specs`; the rule table in lmsys.parallel turns the axes into shardings.
 """
