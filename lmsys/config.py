@@ -53,6 +53,32 @@ class ModelConfig:
     moe_capacity_factor: float = 0.0
     router_aux_loss: float = 0.01  # weight of the load-balancing loss (1.0 when perfectly balanced)
     router_z_loss: float = 0.001  # weight of the router z-loss (mean squared logsumexp of logits)
+    # true: the k weights are a softmax over the k chosen logits (Mixtral, norm_topk_prob); false:
+    # the chosen experts' probabilities of a softmax over all experts, not renormalized (Qwen2-MoE)
+    router_norm_topk: bool = True
+    shared_expert_gate: bool = False  # shared experts' output x sigmoid(x . w) (Qwen2-MoE)
+    shared_d_ff: int = 0  # the shared experts' hidden size; 0 = n_shared_experts x moe_d_ff
+    # Sliding-window attention (Mistral, Gemma's local layers): a query sees the latest
+    # `sliding_window` positions, itself included; 0 = none. With global_every > 0 every
+    # global_every-th layer (layer i with (i + 1) % global_every == 0) attends globally instead
+    # (Gemma 2: 2, Gemma 3: 6); rope_local_theta (0 = rope_theta) is the windowed layers' RoPE base
+    sliding_window: int = 0
+    global_every: int = 0
+    rope_local_theta: float = 0.0
+    # linear RoPE scaling (positions / factor) of the global layers when windowed ones are mixed
+    # in (Gemma 3's larger models), of every layer otherwise; 0 = off
+    rope_linear_factor: float = 0.0
+    # Gemma: the gated MLP's activation (silu: SwiGLU | gelu_tanh: GeGLU), embeddings scaled by
+    # sqrt(d_model), RMSNorms on the attention and MLP outputs too, (1 + w) norms, queries scaled by
+    # query_pre_attn_scalar^-0.5 (0: head_dim), soft caps cap x tanh(x / cap) on the attention
+    # logits and on the output logits (0: off)
+    mlp_act: str = "silu"
+    embed_scale: bool = False
+    post_norms: bool = False
+    norm_plus_one: bool = False  # RMSNorm weights applied as 1 + w (Gemma; they start at 0)
+    query_pre_attn_scalar: float = 0.0
+    attn_soft_cap: float = 0.0
+    final_soft_cap: float = 0.0
 
 
 @dataclass
@@ -323,7 +349,8 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
-    from lmsys.config_checks import check_dpo, check_lora, check_moe, check_pipeline, check_sequence, check_tensor
+    from lmsys.config_checks import (check_dpo, check_family, check_lora, check_moe, check_pipeline,
+                                     check_sequence, check_tensor)
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -356,6 +383,7 @@ def validate(cfg: Config) -> None:
         check_tensor(cfg, cfg.mesh.tensor)
 
     check_moe(cfg)
+    check_family(cfg)
 
     check_key(cfg.pipeline.microbatches >= 0, "pipeline.microbatches", cfg.pipeline.microbatches,
               "must be >= 0 (0 = mesh.stage)")

@@ -92,6 +92,9 @@ def check_pipeline(cfg: Config, stages: int) -> None:
     """The layers split into `stages` x `pipeline.repeats` equal chunks, and every stage gets
     work: at least `stages` microbatches, each a whole number of rows."""
     chunks = stages * cfg.pipeline.repeats
+    check_key(not cfg.model.global_every, "model.global_every", cfg.model.global_every,
+              "(windowed and global layers mixed) does not run in a pipeline yet (a stage's "
+              "layers do not know their index); use mesh.stage=1")
     check_key(cfg.model.n_layers % chunks == 0, "model.n_layers", cfg.model.n_layers,
               f"must be divisible by mesh.stage x pipeline.repeats = {stages} x {cfg.pipeline.repeats} "
               f"= {chunks} (equal layer chunks per stage); change mesh.stage or pipeline.repeats")
@@ -140,3 +143,27 @@ def check_lora(cfg: Config) -> None:
     mlp = [t for t in names if t in ("gate", "up", "down")]
     check_key(not (mlp and cfg.model.n_experts), "lora.targets", lo.targets,
               f"a mixture-of-experts model has no dense MLP for {', '.join(mlp)}; target q, k, v, o only")
+
+
+MLP_ACTS = ("silu", "gelu_tanh")
+
+
+def check_family(cfg: Config) -> None:
+    """The keys of the other model families' features: windows, Gemma's options, router variants."""
+    m = cfg.model
+    for key in ("sliding_window", "global_every", "rope_local_theta", "rope_linear_factor",
+                "query_pre_attn_scalar",
+                "attn_soft_cap", "final_soft_cap", "shared_d_ff"):
+        check_key(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0 (0 = off)")
+    check_key(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act, f"must be one of {', '.join(MLP_ACTS)}")
+    check_key(m.sliding_window or not m.global_every, "model.global_every", m.global_every,
+              "needs a model.sliding_window (the other layers' window)")
+    check_key(m.global_every or not m.rope_local_theta, "model.rope_local_theta", m.rope_local_theta,
+              "needs windowed and global layers mixed (model.sliding_window and global_every)")
+    check_key(not (m.rope_linear_factor and m.rope_scaling_factor), "model.rope_linear_factor",
+              m.rope_linear_factor, "and model.rope_scaling_factor (Llama 3's) exclude each other")
+    check_key(m.n_shared_experts or not (m.shared_expert_gate or m.shared_d_ff),
+              "model.n_shared_experts", m.n_shared_experts,
+              "must be > 0 with model.shared_expert_gate or model.shared_d_ff")
+    check_key(not (m.final_soft_cap and cfg.loss_chunk), "loss_chunk", cfg.loss_chunk,
+              "must be 0 with model.final_soft_cap (the chunked loss has no output soft cap)")

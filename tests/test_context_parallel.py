@@ -110,6 +110,21 @@ def test_ring_skips_future_blocks_and_balances_causal_work(n):
         assert work.max() == attention_pairs_per_row(n * T, n, "ring", balance)  # the formula
 
 
+@pytest.mark.parametrize("method, balance", [("ring", True), ("ring", False), ("allgather", True)])
+def test_sliding_window_and_soft_cap(method, balance):
+    """A window of 5 tokens (shorter than a device's chunk and crossing chunk borders) and a
+    logits soft cap: the ring and all-gather outputs equal plain attention with them."""
+    q, k, v, seg = _attention_inputs()
+    options = dict(sliding_window=5, logits_soft_cap=3.0)
+    want = xla_attention(q, k, v, q_segment_ids_BT=seg, causal=True, **options)
+    rules = Rules(build_mesh(MeshConfig(fsdp=2, sequence=4)), sequence_method=method,
+                  sequence_load_balance=balance)
+    order = partial(to_load_balanced, n=4) if balance else (lambda x: x)
+    out = jax.jit(partial(context_parallel_attention, rules=rules, **options))(
+        *(order(a) for a in (q, k, v, seg)))
+    np.testing.assert_allclose(out, order(want), atol=2e-6)
+
+
 def test_misconfigured_sequence_fails_with_a_clear_message():
     # balanced: 36 tokens do not cut into 2 x 4 chunks; contiguous only needs 4
     with pytest.raises(ConfigError, match=r"'seq_len' = 36: .*2 x mesh.sequence = 8.*sequence_load_balance=false"):

@@ -152,10 +152,11 @@ def _engine_tokenizer():
     return Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t2"))
 
 
-def _check_greedy(model, params, cfg, prompts):
-    """32 greedy tokens from lmsys's serving engine equal transformers' generate(do_sample=False),
-    or the first difference is at a near-tie (top-2 logit gap < 1e-4). Returns tokens matched."""
-    engine = Engine(params, cfg, _engine_tokenizer(), EngineConfig(
+def _check_greedy(model, params, cfg, prompts, engine=None):
+    """32 greedy tokens from lmsys's serving engine (default: a new one) equal transformers'
+    generate(do_sample=False), or the first difference is at a near-tie (top-2 logit gap < 1e-4).
+    Returns tokens matched."""
+    engine = engine or Engine(params, cfg, _engine_tokenizer(), EngineConfig(
         max_slots=len(prompts), page_size=8, max_seq_len=64, prefill_chunk=32, num_pages=16))
     reqs = engine.generate([list(map(int, p)) for p in prompts],
                            GenerationOptions(max_tokens=NEW, ignore_eos=True))
@@ -248,26 +249,32 @@ def test_export_loads_in_transformers(tmp_path, qkv_bias, qk_norm, tie, dtype):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, back)
 
 
-def test_sharded_import_reads_only_slices(tmp_path, monkeypatch):
-    """On fsdp=4 x tensor=2, every leaf lands on its rule-table sharding, and each read of a
-    sharded leaf's HF tensor is exactly one device block's slice, never the whole tensor."""
-    _hf_model("llama3", tmp_path / "hf", max_shard_size="30KB")
-    cfg = config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
-    rules = Rules(build_mesh(from_dict({"mesh": {"fsdp": 4, "tensor": 2}}).mesh))
+def _import_counting_reads(hf_dir, cfg, rules, monkeypatch):
+    """(shardings, params imported onto them, params imported onto one device, the reads of the
+    sharded import as (tensor name, shape, bytes))."""
     shardings = rules.tree_shardings(llama.param_axes(cfg), llama.param_shapes(cfg))
     reads = []
     real_read = hf_interop._TensorReader.read
 
     def read(self, name, index):
         x = real_read(self, name, index)
-        reads.append((name, x.shape))
+        reads.append((name, x.shape, x.nbytes))
         return x
 
     monkeypatch.setattr(hf_interop._TensorReader, "read", read)
-    params, _ = load_hf(tmp_path / "hf", shardings)
+    params, _ = load_hf(hf_dir, shardings)
     monkeypatch.undo()
-    plain, _ = load_hf(tmp_path / "hf")
+    return shardings, params, load_hf(hf_dir)[0], reads
 
+
+def test_sharded_import_reads_only_slices(tmp_path, monkeypatch):
+    """On fsdp=4 x tensor=2, every leaf lands on its rule-table sharding, and each read of a
+    sharded leaf's HF tensor is exactly one device block's slice, never the whole tensor."""
+    _hf_model("llama3", tmp_path / "hf", max_shard_size="30KB")
+    cfg = config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    rules = Rules(build_mesh(from_dict({"mesh": {"fsdp": 4, "tensor": 2}}).mesh))
+    shardings, params, plain, reads = _import_counting_reads(tmp_path / "hf", cfg, rules, monkeypatch)
+    reads = [(name, shape) for name, shape, _ in reads]
     specs = llama.param_specs(cfg)
     split = 0
     for path, (pattern, kind) in hf_interop._hf_names(cfg).items():
@@ -383,7 +390,14 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(model_type="qwen3_moe"), "model_type 'qwen3_moe' is unsupported"),
+    (dict(model_type="gemma3"), "model_type 'gemma3' is unsupported"),  # the multimodal wrapper
+    (dict(model_type="qwen3_moe", num_experts=4, moe_intermediate_size=8, mlp_only_layers=[0]),
+     "mlp_only_layers"),
+    (dict(model_type="mixtral", num_local_experts=4, router_jitter_noise=0.1), "router_jitter_noise"),
+    (dict(model_type="gemma2", sliding_window=4, use_bidirectional_attention=True),
+     "use_bidirectional_attention"),
+    (dict(model_type="gemma2", num_hidden_layers=3, sliding_window=4,
+          layer_types=["full_attention", "sliding_attention", "sliding_attention"]), "not this pattern"),
     (dict(model_type="qwen3", attention_bias=True), "attention_bias.*no attention output bias"),
     (dict(model_type="qwen3", use_sliding_window=True, sliding_window=64), "use_sliding_window"),
     (dict(model_type="gpt2"), "model_type 'gpt2' is unsupported"),
@@ -391,8 +405,8 @@ BASE = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_type 'yarn'"),
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'linear'"),
-    (dict(model_type="mistral", sliding_window=64, max_position_embeddings=128), "sliding_window=64"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'dynamic'"),
+    (dict(model_type="mistral", sliding_window=0, layer_types=["sliding_attention"]), "positive window"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=64), "use_sliding_window"),
     (dict(num_key_value_heads=3), "model.n_heads.*n_kv_heads"),
 ])
@@ -405,6 +419,10 @@ def test_supported_config_variants():
     cfg = config_from_hf({**BASE, "model_type": "mistral", "sliding_window": 4096,
                           "max_position_embeddings": 4096, "rope_theta": 1e6})
     assert (cfg.head_dim, cfg.n_kv_heads, cfg.rope_theta, cfg.tie_embeddings) == (8, 2, 1e6, False)
+    assert cfg.sliding_window == 0  # a window as long as the context is none
+    windowed = config_from_hf({**BASE, "model_type": "mistral", "sliding_window": 64,
+                               "max_position_embeddings": 128})
+    assert (windowed.sliding_window, windowed.global_every) == (64, 0)
     v5 = config_from_hf({**BASE, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 5e5},
                          "tie_word_embeddings": True})
     assert (v5.rope_theta, v5.rope_scaling_factor, v5.tie_embeddings) == (5e5, 8.0, True)
@@ -421,8 +439,9 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
     with pytest.raises(ConversionError, match="qkv_bias with model.qk_norm has no Hugging Face"):
         save_hf(llama.init(jax.random.key(0), cfg), cfg, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
-    moe = dataclasses.replace(cfg, qkv_bias=False, qk_norm=False, n_experts=4, experts_per_token=2)
-    with pytest.raises(ConversionError, match="model.n_experts=4: mixture-of-experts models have no"):
+    moe = dataclasses.replace(cfg, qkv_bias=False, qk_norm=False, n_experts=4, experts_per_token=2,
+                              n_shared_experts=2)
+    with pytest.raises(ConversionError, match="model.n_experts=4 with n_shared_experts=2.*no Hugging Face MoE"):
         save_hf(llama.init(jax.random.key(0), moe), moe, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 

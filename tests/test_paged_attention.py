@@ -77,16 +77,20 @@ def _paged_case(case, seed, poison=np.nan):
     return paged, tuple(jnp.asarray(x, dtype) for x in (k_BSKH, v_BSKH))
 
 
-def _reference_f64(q_BNH, k_BSKH, v_BSKH, lengths_B):
+def _reference_f64(q_BNH, k_BSKH, v_BSKH, lengths_B, window=None, soft_cap=None):
     """Decode attention over a contiguous cache in float64: row b's query sees its first
-    lengths[b] keys; a row of length 0 gives zeros."""
+    lengths[b] keys (with a window: the last `window` of them); a row of length 0 gives zeros."""
     with jax.enable_x64(True):
         q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q_BNH, k_BSKH, v_BSKH))
         N, H = q.shape[1:]
         G = N // k.shape[2]
         k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
         s_BNS = jnp.einsum("bnh,bsnh->bns", q, k) * H ** -0.5
+        if soft_cap is not None:
+            s_BNS = soft_cap * jnp.tanh(s_BNS / soft_cap)
         visible_BS = jnp.arange(k.shape[1])[None, :] < jnp.asarray(lengths_B)[:, None]
+        if window is not None:
+            visible_BS &= jnp.arange(k.shape[1])[None, :] >= jnp.asarray(lengths_B)[:, None] - window
         s_BNS = jnp.where(visible_BS[:, None], s_BNS, -jnp.inf)
         p_BNS = jnp.exp(s_BNS - jnp.max(s_BNS, axis=-1, keepdims=True))
         out = jnp.einsum("bns,bsnh->bnh", p_BNS / p_BNS.sum(-1, keepdims=True), v)
@@ -213,6 +217,30 @@ def test_tpu_flavour_scalar_prefetch():
     assert np.isfinite(got).all() and _rel_err(got, want) <= 1e-5
 
 
+def test_sliding_window_skips_pages_before_it():
+    """A window of 10 with a logits soft cap: every page wholly before a row's window holds NaN
+    (a recycled page), which only a read would show; slots before the window inside its first
+    page are masked. GPU/CPU flavour over split-K blocks, and the TPU flavour."""
+    (q, k, v, lengths, pt), contiguous = _paged_case(FIXED, seed=5)
+    window, ps = 10, FIXED["page_size"]
+    k, v = np.array(k), np.array(v)
+    for b, n in enumerate(np.asarray(lengths)):
+        for page in np.asarray(pt)[b, :max(n - window, 0) // ps]:
+            k[page], v[page] = np.nan, np.nan
+    want = _reference_f64(q, *contiguous, lengths, window=window, soft_cap=2.0)
+    options = dict(sliding_window=window, logits_soft_cap=2.0)
+    got = jax.jit(functools.partial(paged_attention, pages_per_block=2, **options))(q, k, v, lengths, pt)
+    assert np.isfinite(got).all() and _rel_err(got, want) <= 1e-5
+    tpu = jax.jit(functools.partial(paged_attention, pages_per_block=4, backend="tpu", **options))
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(uninitialized_memory="nan")):
+        got = tpu(q, k, v, lengths, pt)
+    assert np.isfinite(got).all() and _rel_err(got, want) <= 1e-5
+    ref = paged_attention_reference(q, jnp.nan_to_num(k), jnp.nan_to_num(v), lengths, pt, **options)
+    assert _rel_err(ref, want) <= 1e-5
+    with pytest.raises(ValueError, match="sliding_window=0 must be >= 1"):
+        paged_attention(q, k, v, lengths, pt, sliding_window=0)
+
+
 def test_gpu_takes_only_head_dims_it_reads_in_place():
     """On GPU a head_dim that Triton's tiles would pad copies the whole pool on every call (and
     can double the decode step's memory): the model's decode takes the gather + XLA path there."""
@@ -233,17 +261,24 @@ def test_bad_shapes_say_what_is_expected():
                                 pool_spec=P(None, "data"))
 
 
-@pytest.mark.parametrize("mesh, specs", [
-    (None, None),
-    ({"data": 1, "fsdp": 2, "tensor": 4}, "P('fsdp', 'tensor'), P(None, None, None, 'tensor')"),
-    ({"data": 2, "fsdp": 1, "tensor": 4}, "P('data', 'tensor'), P(None, 'data', None, 'tensor')"),
-], ids=["one-device", "fsdp2-tensor4", "data2-tensor4"])
-def test_model_decode_step_pallas_equals_xla(mesh, specs):
+# Gemma-style layers: a window of 4 in layer 0, global layer 1, soft-capped logits
+WINDOWED = {"sliding_window": 4, "global_every": 2, "attn_soft_cap": 5.0, "query_pre_attn_scalar": 8.0}
+
+
+@pytest.mark.parametrize("mesh, specs, model", [
+    (None, None, {}),
+    ({"data": 1, "fsdp": 2, "tensor": 4}, "P('fsdp', 'tensor'), P(None, None, None, 'tensor')", {}),
+    ({"data": 2, "fsdp": 1, "tensor": 4}, "P('data', 'tensor'), P(None, 'data', None, 'tensor')", {}),
+    (None, None, WINDOWED),
+], ids=["one-device", "fsdp2-tensor4", "data2-tensor4", "windowed"])
+def test_model_decode_step_pallas_equals_xla(mesh, specs, model):
     """A paged cache with shuffled pages: prefill 5 / 12 / 0 / 9 tokens (xla), then decode one
     token with each impl; padding rows (position -1) are ignored. On a mesh the pool is laid
     out as the engine lays it out (KV heads over tensor, pages over data: rows 0-1 own pages
-    0-7, rows 2-3 pages 8-15) and the kernel runs per shard of it under shard_map."""
-    cfgs = {impl: tiny_config(mesh, model={"attention_impl": impl}) for impl in ("xla", "pallas")}
+    0-7, rows 2-3 pages 8-15) and the kernel runs per shard of it under shard_map. "windowed":
+    local and global layers, the decode step of a local layer sees its window only."""
+    cfgs = {impl: tiny_config(mesh, model={"attention_impl": impl, **model})
+            for impl in ("xla", "pallas")}
     cfg = cfgs["xla"].model
     rules = Rules(build_mesh(cfgs["xla"].mesh)) if mesh else None
     params = llama.init(jax.random.key(0), cfg)

@@ -51,6 +51,27 @@ def test_search_llama3_8b_on_8_h100s():
     assert "why: compute-bound" in text or "why: communication-bound" in text
 
 
+def test_new_family_presets_plan():
+    """gemma3-27b (27.0B params) and qwen3-30b-a3b (30.5B, 128 experts top-8): their windowed
+    layers and routed experts show in the FLOPs, and the search over an MoE also tries expert
+    parallelism."""
+    from lmsys.models import llama
+
+    gemma, qwen = big("gemma3-27b", 64), big("qwen3-30b-a3b", 16)
+    assert round(llama.count_params(gemma.model) / 1e9, 2) == 27.01
+    assert round(llama.count_params(qwen.model) / 1e9, 2) == 30.53
+    full = from_dict({"model": {"preset": "gemma3-27b", "sliding_window": 0, "global_every": 0,
+                                "rope_local_theta": 0.0}})
+    windowed = plan.analyze(gemma, 64, "h100")
+    # 52 of 62 layers see 1,024 of the 4,096 tokens
+    attention = 12 * 32 * 128 * (10 * 4096 + 52 * 1024)
+    assert llama.flops_per_token(full.model, 4096) - llama.flops_per_token(gemma.model, 4096) == \
+        12 * 32 * 128 * 62 * 4096 - attention
+    assert windowed.fits
+    plans = plan.search(qwen, 16, "h100")
+    assert plans and {p.sizes["expert"] for p in plans} >= {1, 2, 4}
+
+
 def test_pipeline_bubble_counts_as_idle_compute():
     """With stages, the step's FLOPs are spread over the busy share of the ticks, 1 - bubble."""
     flat = plan.analyze(load_config(RECIPE, ["mesh.fsdp=8"]), 8, "h100")

@@ -1,5 +1,6 @@
-"""Hugging Face safetensors checkpoints in and out (Llama / Mistral / Qwen2 / Qwen3); the
-config.json mapping is lmsys.interop.hf_config, whole-directory conversions lmsys.interop.convert.
+"""Hugging Face safetensors checkpoints in and out (Llama / Mistral / Qwen2 / Qwen3, Gemma 2 / 3,
+Mixtral / Qwen2-MoE / Qwen3-MoE); the config.json mapping is lmsys.interop.hf_config, whole-directory
+conversions lmsys.interop.convert.
 
     params, cfg = load_hf("hf/", shardings)                      # each device reads its slices
     save_hf(params, cfg, "out/", tokenizer_dir="hf/", dtype="bfloat16")
@@ -7,7 +8,9 @@ config.json mapping is lmsys.interop.hf_config, whole-directory conversions lmsy
 No PyTorch at run time: tensors are read with `safe_open(framework="numpy")` (bf16 arrives as
 an ml_dtypes array) and written with `safetensors.numpy`. The lmsys layout is the HF one with
 Linear weights transposed to [in, out], heads split out and layers stacked on axis 0; q/k need
-no permutation because lmsys RoPE rotates halves like HF Llama.
+no permutation because lmsys RoPE rotates halves like HF Llama. MoE experts are one HF tensor
+per (layer, expert), stacked on lmsys's `experts` axis: a device split over `expert` reads only
+its experts' tensors.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def _hf_names(model: ModelConfig) -> dict:
-    """lmsys leaf path -> (HF name pattern with {i} for the layer, kind). kind says how to
-    turn the HF tensor into the lmsys one (see `_hf_block`, `_to_hf`)."""
+    """lmsys leaf path -> (HF name pattern with {i} for the layer and {e} for the expert, kind).
+    kind says how to turn the HF tensor into the lmsys one (see `_hf_block`, `_to_hf`)."""
     p = "model.layers.{i}."
     names = {
         ("embed",): ("model.embed_tokens.weight", "copy"),
@@ -55,7 +58,50 @@ def _hf_names(model: ModelConfig) -> dict:
         names[("layers", "k_norm")] = (p + "self_attn.k_norm.weight", "copy")
     if not model.tie_embeddings:
         names[("unembed",)] = ("lm_head.weight", "transpose")
+    if model.post_norms:  # Gemma: post_attention_layernorm is on the attention's output
+        names[("layers", "post_attn_norm")] = (p + "post_attention_layernorm.weight", "copy")
+        names[("layers", "mlp_norm")] = (p + "pre_feedforward_layernorm.weight", "copy")
+        names[("layers", "post_mlp_norm")] = (p + "post_feedforward_layernorm.weight", "copy")
+    if model.n_experts:
+        names.update(_moe_names(model, p))
     return names
+
+
+def _moe_names(model: ModelConfig, p: str) -> dict:
+    """The MoE layer's tensors: Mixtral's block_sparse_moe (w1 gate, w3 up, w2 down) or Qwen's
+    mlp.experts.{e}.*_proj, the router, Qwen2-MoE's gated shared expert."""
+    if model.qkv_bias or model.qk_norm:  # Qwen2-MoE / Qwen3-MoE
+        moe, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+    else:  # Mixtral
+        moe, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+    names = {("layers", "router"): (moe + "gate.weight", "transpose")}
+    for leaf, proj in (("w_gate", gate), ("w_up", up), ("w_down", down)):
+        names[("layers", leaf)] = (moe + "experts.{e}." + proj + ".weight", "transpose")
+    if model.n_shared_experts:
+        for leaf, proj in (("shared_w_gate", "gate_proj"), ("shared_w_up", "up_proj"),
+                           ("shared_w_down", "down_proj")):
+            names[("layers", leaf)] = (moe + "shared_expert." + proj + ".weight", "transpose")
+    if model.shared_expert_gate:
+        names[("layers", "shared_gate")] = (moe + "shared_expert_gate.weight", "row")
+    return names
+
+
+def _lead(path: tuple[str, ...], pattern: str) -> int:
+    """How many leading axes of the lmsys leaf index HF tensors: layers, and experts."""
+    return (path[0] == "layers") + ("{e}" in pattern)
+
+
+def _tensor_names(pattern: str, lead: int, shape: tuple[int, ...]) -> list:
+    """The HF names of a leaf, nested like its `lead` leading axes (a list per layer, of experts)."""
+    if lead == 0:
+        return [pattern]
+    if lead == 1:
+        return [pattern.format(i=i) for i in range(shape[0])]
+    return [[pattern.format(i=i, e=e) for e in range(shape[1])] for i in range(shape[0])]
+
+
+def _flat(names) -> list[str]:
+    return [m for n in names for m in (_flat(n) if isinstance(n, list) else [n])]
 
 
 def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -70,6 +116,8 @@ def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
         return (shape[2], shape[0] * shape[1])
     if kind == "bias":  # [N, H] <- [N*H]
         return (shape[0] * shape[1],)
+    if kind == "row":  # [D] <- [1, D]
+        return (1, shape[0])
     raise AssertionError(kind)
 
 
@@ -83,6 +131,8 @@ def _hf_block(ranges: tuple[tuple[int, int], ...], shape: tuple[int, ...], kind:
 
     if kind == "copy":
         return tuple(map(cut, ranges)), lambda x: x
+    if kind == "row":
+        return (slice(0, 1), cut(ranges[0])), lambda x: x[0]
     if kind == "transpose":  # [in, out] <- [out, in]
         return (cut(ranges[1]), cut(ranges[0])), lambda x: x.T
     H = shape[1] if kind == "heads_out" else shape[-1]  # head_dim
@@ -105,6 +155,8 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
         return x
     if kind == "bias":
         return x.reshape(-1)
+    if kind == "row":
+        return x[None]
     if kind == "transpose":
         return x.T
     if kind == "in_heads":  # [D, N, H] -> [N*H, D]
@@ -199,35 +251,41 @@ def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
     leaves = []
     for path, (pattern, kind) in _hf_names(model).items():
         shape = _get(specs, path).shape
-        stacked = path[0] == "layers"
-        names = [pattern.format(i=i) for i in range(model.n_layers)] if stacked else [pattern]
-        for name in names:
-            reader.check(name, _hf_shape(shape[1:] if stacked else shape, kind), str(hf_dir))
-        leaves.append((path, kind, shape, names))
-    used = {name for *_, names in leaves for name in names}
+        lead = _lead(path, pattern)
+        names = _tensor_names(pattern, lead, shape)
+        for name in _flat(names):
+            reader.check(name, _hf_shape(shape[lead:], kind), str(hf_dir))
+        leaves.append((path, kind, shape, names, lead))
+    used = {name for _, _, _, names, _ in leaves for name in _flat(names)}
     extra = sorted(n for n in reader.weight_map if n not in used and not _ignorable(n, model))
     if extra:
         raise ConversionError(
             f"{hf_dir}: tensors {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''} have no "
             f"place in the lmsys model of this config.json ({model.n_layers} layers, "
             f"qkv_bias={model.qkv_bias}, qk_norm={model.qk_norm}, tie_embeddings="
-            f"{model.tie_embeddings}); lmsys would drop them, so it refuses the checkpoint")
+            f"{model.tie_embeddings}, n_experts={model.n_experts}); lmsys would drop them, so it "
+            "refuses the checkpoint")
 
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params: dict = {}
-    for path, kind, shape, names in leaves:
-        stacked = path[0] == "layers"
+    for path, kind, shape, names, lead in leaves:
         blocks: dict = {}  # replicas of one block are read once
 
-        def block(index, kind=kind, shape=shape, names=names, stacked=stacked, blocks=blocks):
+        def block(index, kind=kind, shape=shape, names=names, lead=lead, blocks=blocks):
             ranges = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
             if ranges not in blocks:
-                layers = range(*ranges[0]) if stacked else [0]
-                inner = ranges[1:] if stacked else ranges
-                hf_index, to_lmsys = _hf_block(inner, shape[1:] if stacked else shape, kind)
-                out = np.stack([np.asarray(to_lmsys(reader.read(names[i], hf_index)), dtype)
-                                for i in layers])
-                blocks[ranges] = out if stacked else out[0]
+                hf_index, to_lmsys = _hf_block(ranges[lead:], shape[lead:], kind)
+
+                def read(name):
+                    return np.asarray(to_lmsys(reader.read(name, hf_index)), dtype)
+
+                if lead == 0:
+                    blocks[ranges] = read(names[0])
+                elif lead == 1:
+                    blocks[ranges] = np.stack([read(names[i]) for i in range(*ranges[0])])
+                else:
+                    blocks[ranges] = np.stack([np.stack([read(names[i][e]) for e in range(*ranges[1])])
+                                               for i in range(*ranges[0])])
             return blocks[ranges]
 
         sharding = default if shardings is None else _get(shardings, path)
@@ -305,8 +363,11 @@ def save_hf(params: dict, model: ModelConfig, out_dir: str | Path, tokenizer_dir
             raise ConversionError(f"param {'.'.join(path)} has shape {list(leaf.shape)}, "
                                   f"expected {list(expected)} from the model config")
         host = _host(leaf)
-        items = ([(pattern.format(i=i), host[i]) for i in range(model.n_layers)]
-                 if path[0] == "layers" else [(pattern, host)])
+        lead = _lead(path, pattern)
+        names = _tensor_names(pattern, lead, expected)
+        items = ([(names[0], host)] if lead == 0 else
+                 [(names[i], host[i]) for i in range(len(names))] if lead == 1 else
+                 [(names[i][e], host[i, e]) for i in range(len(names)) for e in range(len(names[i]))])
         for name, x in items:
             t = np.ascontiguousarray(_to_hf(x, kind).astype(np_dtype))
             if pending and pending_bytes + t.nbytes > max_shard_size:

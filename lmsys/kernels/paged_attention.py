@@ -4,7 +4,8 @@
 
 The pool is one layer of lmsys.serve.engine's page pool: [num_pages, page_size, kv_heads,
 head_dim]; token t of row b lives in page `page_table_BP[b, t // page_size]`, slot
-`t % page_size`, and row b attends to its first `lengths_B[b]` tokens (0: output zeros). The
+`t % page_size`, and row b attends to its first `lengths_B[b]` tokens (0: output zeros), with a `sliding_window` to
+the last `window` of them (pages wholly before the window are never read). The
 model passes all layers' pools [layers, num_pages, ...] and a (traced) `layer` instead, so the
 kernel reads the layer's pages in place rather than a copied layer slice.
 
@@ -60,15 +61,18 @@ class _Cfg:
     backend: str
     interpret: bool
     quantized: bool
+    soft_cap: float | None = None
 
 
-def _page_step(q_GH, k_SH, v_SH, ks_1S, vs_1S, valid_1S, valid_S1, carry, scale):
+def _page_step(q_GH, k_SH, v_SH, ks_1S, vs_1S, valid_1S, valid_S1, carry, scale, soft_cap=None):
     """One page of online softmax (fp32). m, l in the carry are [G] (GPU) or [G, 1] (TPU)."""
     acc_GH, m, l = carry
     col = (lambda x: x) if m.ndim == 2 else (lambda x: x[:, None])
     s_GS = _dot(q_GH, k_SH.astype(q_GH.dtype), _NT) * scale
     if ks_1S is not None:
         s_GS = s_GS * ks_1S.astype(jnp.float32)
+    if soft_cap is not None:
+        s_GS = soft_cap * jnp.tanh(s_GS / soft_cap)
     s_GS = jnp.where(valid_1S, s_GS, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s_GS, axis=1, keepdims=m.ndim == 2))
     p_GS = jnp.exp(s_GS - col(m_new))
@@ -91,29 +95,30 @@ def _kernel(*refs, c: _Cfg):
     layer = layer_ref[0]
     ps = c.page_size
     q_GH = q_ref[...]
-    length = len_ref[0]
+    length, start = len_ref[0], len_ref[1]  # row b sees positions [start, length)
     first_page = pl.program_id(2) * c.pages_per_block
     n_pages = jnp.clip(pl.cdiv(length, ps) - first_page, 0, c.pages_per_block)
+    skip = jnp.clip(start // ps - first_page, 0, n_pages)  # pages wholly before the window
 
     def body(i, carry):
         page = pt_ref[i]
         pos_S = (first_page + i) * ps + lax.broadcasted_iota(jnp.int32, (ps,), 0)
-        valid_S = pos_S < length
+        valid_S = (pos_S < length) & (pos_S >= start)
         ks_1S = None if ks_ref is None else ks_ref[layer, page][None, :]
         vs_1S = None if vs_ref is None else vs_ref[layer, page][None, :]
         return _page_step(q_GH, k_ref[layer, page], v_ref[layer, page], ks_1S, vs_1S,
-                          valid_S[None, :], valid_S[:, None], carry, c.scale)
+                          valid_S[None, :], valid_S[:, None], carry, c.scale, c.soft_cap)
 
     G, H = q_GH.shape
     init = (jnp.zeros((G, H), jnp.float32), jnp.full((G,), MASK_VALUE, jnp.float32),
             jnp.zeros((G,), jnp.float32))
-    acc_GH, m_G, l_G = lax.fori_loop(0, n_pages, body, init)
+    acc_GH, m_G, l_G = lax.fori_loop(skip, n_pages, body, init)
     o_ref[...] = acc_GH
     m_ref[...] = m_G
     l_ref[...] = l_G
 
 
-def _partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BnJ, lengths_B1, layer_1):
+def _partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BnJ, lengths_B2, layer_1):
     """Per-block (acc [B,K,n,G,H], max [B,K,n,G], sum [B,K,n,G]) from one pallas_call; the
     pools have a leading layer axis, `layer_1` picks one."""
     B, K, G, H = q_BKGH.shape
@@ -127,9 +132,9 @@ def _partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BnJ, len
         in_specs += [scale, scale]
         args += [k_scales, v_scales]
     in_specs += [pl.BlockSpec((None, None, ppb), lambda b, k, s: (b, s, 0)),
-                 pl.BlockSpec((None, 1), lambda b, k, s: (b, 0)),
+                 pl.BlockSpec((None, 2), lambda b, k, s: (b, 0)),
                  pl.BlockSpec((1,), lambda b, k, s: (0,))]
-    args += [pt_BnJ, lengths_B1, layer_1]
+    args += [pt_BnJ, lengths_B2, layer_1]
     row = pl.BlockSpec((None, None, None, G), lambda b, k, s: (b, k, s, 0))
     out_specs = [pl.BlockSpec((None, None, None, G, H), lambda b, k, s: (b, k, s, 0, 0)), row, row]
     out_shape = [jax.ShapeDtypeStruct((B, K, n_blocks, G, H), jnp.float32),
@@ -144,7 +149,7 @@ def _partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BnJ, len
         name="lmsys_paged_decode")(*args)
 
 
-def _tpu_kernel(pt_ref, len_ref, layer_ref, *refs, c: _Cfg):
+def _tpu_kernel(pt_ref, len_ref, start_ref, layer_ref, *refs, c: _Cfg):
     """TPU: one (row, block of pages, page) per grid step; the page's [page_size, K, H] tile
     was DMA'd by the BlockSpec (index map reads the prefetched page table). The outputs stay
     resident over the page axis and accumulate; K heads are a static loop."""
@@ -156,7 +161,7 @@ def _tpu_kernel(pt_ref, len_ref, layer_ref, *refs, c: _Cfg):
         ks_ref = vs_ref = None
     b, blk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ps = c.page_size
-    length = len_ref[b]
+    length, start = len_ref[b], start_ref[b]
     page_idx = blk * c.pages_per_block + j
 
     @pl.when(j == 0)
@@ -165,11 +170,12 @@ def _tpu_kernel(pt_ref, len_ref, layer_ref, *refs, c: _Cfg):
         m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, m_ref.dtype)
         l_ref[...] = jnp.zeros(l_ref.shape, l_ref.dtype)
 
-    @pl.when(page_idx * ps < length)
+    @pl.when((page_idx * ps < length) & ((page_idx + 1) * ps > start))
     def _step():
-        pos0 = page_idx * ps
-        valid_1S = pos0 + lax.broadcasted_iota(jnp.int32, (1, ps), 1) < length
-        valid_S1 = pos0 + lax.broadcasted_iota(jnp.int32, (ps, 1), 0) < length
+        pos_1S = page_idx * ps + lax.broadcasted_iota(jnp.int32, (1, ps), 1)
+        pos_S1 = page_idx * ps + lax.broadcasted_iota(jnp.int32, (ps, 1), 0)
+        valid_1S = (pos_1S < length) & (pos_1S >= start)
+        valid_S1 = (pos_S1 < length) & (pos_S1 >= start)
         dtype = q_ref.dtype
         k_SKH, v_SKH = k_ref[...].astype(dtype), v_ref[...].astype(dtype)  # int8 -> q dtype
         for kh in range(k_ref.shape[1]):
@@ -177,22 +183,23 @@ def _tpu_kernel(pt_ref, len_ref, layer_ref, *refs, c: _Cfg):
             vs_1S = None if vs_ref is None else vs_ref[pl.ds(kh, 1), :]
             carry = (o_ref[kh], m_ref[kh], l_ref[kh])
             acc, m, l = _page_step(q_ref[kh], k_SKH[:, kh, :], v_SKH[:, kh, :], ks_1S, vs_1S,
-                                   valid_1S, valid_S1, carry, c.scale)
+                                   valid_1S, valid_S1, carry, c.scale, c.soft_cap)
             o_ref[kh], m_ref[kh], l_ref[kh] = acc, m, l
 
 
 def _tpu_partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BP, lengths_B,
-                  layer_1):
+                  starts_B, layer_1):
     """TPU split-K partials with scalar prefetch; same outputs as `_partials`."""
     B, K, G, H = q_BKGH.shape
     n_pages_pool, ps = k_pages.shape[1:3]
     ppb, P = c.pages_per_block, pt_BP.shape[1]
     n_blocks = pl.cdiv(P, ppb)
 
-    def page_map(b, s, j, pt_ref, len_ref, layer_ref):
-        # past the row's last page: repeat the previous block index, so nothing is fetched
+    def page_map(b, s, j, pt_ref, len_ref, start_ref, layer_ref):
+        # past the row's last page: repeat the previous block index, so nothing is fetched;
+        # before its window's first page: fetch that page (once) instead
         last = jnp.maximum(pl.cdiv(len_ref[b], ps) - 1, 0)
-        p = jnp.minimum(jnp.minimum(s * ppb + j, P - 1), last)
+        p = jnp.minimum(jnp.minimum(jnp.maximum(s * ppb + j, start_ref[b] // ps), P - 1), last)
         return layer_ref[0], jnp.clip(pt_ref[b, p], 0, n_pages_pool - 1), 0, 0, 0
 
     page = pl.BlockSpec((None, None, ps, K, H), page_map)
@@ -207,7 +214,7 @@ def _tpu_partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BP, 
         return pl.BlockSpec((None, None, K, G, last), lambda b, s, j, *_: (b, s, 0, 0, 0))
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3, grid=(B, n_blocks, ppb), in_specs=in_specs,
+        num_scalar_prefetch=4, grid=(B, n_blocks, ppb), in_specs=in_specs,
         out_specs=[out_block(H), out_block(1), out_block(1)])
     out_shape = [jax.ShapeDtypeStruct((B, n_blocks, K, G, H), jnp.float32),
                  jax.ShapeDtypeStruct((B, n_blocks, K, G, 1), jnp.float32),
@@ -217,7 +224,7 @@ def _tpu_partials(c: _Cfg, q_BKGH, k_pages, v_pages, k_scales, v_scales, pt_BP, 
         interpret=c.interpret, name="lmsys_paged_decode_tpu",
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-    )(pt_BP, lengths_B, layer_1, *args)
+    )(pt_BP, lengths_B, starts_B, layer_1, *args)
     acc, m, l = (x.transpose(0, 2, 1, 3, 4) for x in (acc, m, l))
     return acc, m[..., 0], l[..., 0]
 
@@ -252,7 +259,8 @@ def paged_attention(q_BNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax
                     lengths_B: jax.Array, page_table_BP: jax.Array, *,
                     layer: jax.Array | int | None = None,
                     k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
-                    sm_scale: float | None = None, pages_per_block: int | None = None,
+                    sm_scale: float | None = None, sliding_window: int | None = None,
+                    logits_soft_cap: float | None = None, pages_per_block: int | None = None,
                     interpret: bool | None = None, backend: str | None = None) -> jax.Array:
     """Decode attention of one query token per row over its pages; out_BNH in q's dtype.
 
@@ -262,6 +270,9 @@ def paged_attention(q_BNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax
       picking one inside the kernel, so no layer slice is copied out of the pool.
     lengths_B: int, tokens visible to each row (its first lengths_B[b] positions).
     page_table_BP: int32 [batch, pages]; entries past a row's length are never read.
+    sliding_window: row b sees only its last `sliding_window` tokens (positions >= lengths_B[b]
+      - window); the pages wholly before them are skipped (never read: they may be recycled).
+    logits_soft_cap: logits become cap * tanh(logits / cap) (Gemma 2).
     pages_per_block: pages per split-K program (default DEFAULT_BLOCK_TOKENS // page_size).
     backend: "gpu" | "tpu" | "cpu" (default: jax.default_backend()); interpret: default True on
       CPU (for "tpu" on CPU wrap the call in `pltpu.force_tpu_interpret_mode()`).
@@ -285,6 +296,8 @@ def paged_attention(q_BNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax
             "lengths [B], page_table [B,pages]")
     if (k_scales is None) != (v_scales is None):
         raise ValueError("paged_attention: pass both k_scales and v_scales, or neither")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"paged_attention: sliding_window={sliding_window} must be >= 1")
     backend = _backend(backend)
     if backend not in BACKENDS:
         raise ValueError(f"paged_attention: backend '{backend}' is not one of "
@@ -296,7 +309,8 @@ def paged_attention(q_BNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax
     n_blocks = pl.cdiv(P, ppb)
     c = _Cfg(scale=float(H ** -0.5 if sm_scale is None else sm_scale), page_size=ps,
              pages_per_block=ppb, backend=backend, interpret=bool(interpret),
-             quantized=k_scales is not None)
+             quantized=k_scales is not None,
+             soft_cap=None if logits_soft_cap is None else float(logits_soft_cap))
 
     G = N // K
     Gp, Hp = G, H
@@ -315,20 +329,23 @@ def paged_attention(q_BNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax
         k_scales, v_scales = full(k_scales), full(v_scales)
     pt_BnJ = jnp.pad(page_table_BP.astype(jnp.int32), ((0, 0), (0, n_blocks * ppb - P)))
     pt_BnJ = pt_BnJ.reshape(B, n_blocks, ppb)
-    lengths_B1 = jnp.clip(lengths_B.astype(jnp.int32), 0, P * ps)[:, None]
+    lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, P * ps)
+    starts_B = (jnp.zeros_like(lengths_B) if sliding_window is None
+                else jnp.maximum(lengths_B - sliding_window, 0))
     layer_1 = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
     if backend == "tpu":
         acc, m, l = _tpu_partials(c, q_BKGH, k_LPSKH, v_LPSKH, k_scales, v_scales,
-                                  page_table_BP.astype(jnp.int32), lengths_B1[:, 0], layer_1)
+                                  page_table_BP.astype(jnp.int32), lengths_B, starts_B, layer_1)
     else:
         acc, m, l = _partials(c, q_BKGH, k_LPSKH, v_LPSKH, k_scales, v_scales, pt_BnJ,
-                              lengths_B1, layer_1)
+                              jnp.stack([lengths_B, starts_B], axis=1), layer_1)
     out_BKGH = combine_blocks(acc, m, l)
     return out_BKGH[:, :, :G, :H].reshape(B, N, H).astype(q_BNH.dtype)
 
 
 def paged_attention_reference(q_BNH, k_pages_PSKH, v_pages_PSKH, lengths_B, page_table_BP, *,
-                              k_scales=None, v_scales=None, sm_scale=None):
+                              k_scales=None, v_scales=None, sm_scale=None, sliding_window=None,
+                              logits_soft_cap=None):
     """Plain jnp: gather each row's pages into a dense sequence, mask by length, softmax."""
     B, N, H = q_BNH.shape
     ps, K = k_pages_PSKH.shape[1:3]
@@ -340,11 +357,15 @@ def paged_attention_reference(q_BNH, k_pages_PSKH, v_pages_PSKH, lengths_B, page
     k_BSKH = k[page_table_BP].reshape(B, P * ps, K, H)
     v_BSKH = v[page_table_BP].reshape(B, P * ps, K, H)
     valid_BS = jnp.arange(P * ps)[None, :] < lengths_B[:, None]
+    if sliding_window is not None:
+        valid_BS &= jnp.arange(P * ps)[None, :] >= lengths_B[:, None] - sliding_window
     v_BSKH = jnp.where(valid_BS[:, :, None, None], v_BSKH, 0.0)
     scale = H ** -0.5 if sm_scale is None else sm_scale
     q_BKGH = q_BNH.astype(jnp.float32).reshape(B, K, N // K, H)
     s_BKGS = jnp.einsum("bkgh,bskh->bkgs", q_BKGH, k_BSKH,
                         precision=lax.Precision.HIGHEST) * scale
+    if logits_soft_cap is not None:
+        s_BKGS = logits_soft_cap * jnp.tanh(s_BKGS / logits_soft_cap)
     s_BKGS = jnp.where(valid_BS[:, None, None], s_BKGS, -jnp.inf)
     m_BKG1 = jnp.max(s_BKGS, axis=-1, keepdims=True)
     p_BKGS = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m_BKG1), m_BKG1, 0.0))

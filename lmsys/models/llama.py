@@ -3,10 +3,12 @@
     params = init(key, cfg)                       # float32, layers stacked on a leading axis
     logits_BTV, aux = forward(params, tokens_BT, positions_BT, segment_ids_BT, cfg=cfg)
 
-RMSNorm, RoPE (with Llama-3 frequency scaling), grouped-query attention, SwiGLU, tied or untied
-embeddings, optional qkv bias, optional per-head q/k RMSNorm (Qwen3), and with `n_experts` > 0 a
-Mixtral/DeepSeek-style mixture-of-experts MLP (lmsys.models.moe; its router losses come back in
-aux). The layer's attention is one call, lmsys.models.attention.layer_attention (mesh, backend
+RMSNorm, RoPE (with Llama-3 or linear frequency scaling), grouped-query attention, SwiGLU, tied or
+untied embeddings, optional qkv bias, optional per-head q/k RMSNorm (Qwen3), and with `n_experts`
+> 0 a Mixtral/DeepSeek/Qwen-MoE-style mixture-of-experts MLP (lmsys.models.moe; its router losses
+come back in aux). Sliding-window layers (all, or mixed with global ones, each kind with its own
+RoPE base) and Gemma 2/3's block (GeGLU, norms on the attention and MLP outputs, (1 + w) norms,
+scaled embeddings and queries, soft caps) are config options of the same block. The layer's attention is one call, lmsys.models.attention.layer_attention (mesh, backend
 and KV-cache routing live there). Each parameter's shape and logical axes are declared once, in
 `param_specs`; the rule table in lmsys.parallel turns the axes into shardings.
 """
@@ -22,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmsys.config import ModelConfig
 from lmsys.models import lora
-from lmsys.models.attention import layer_attention
+from lmsys.models.attention import attention_options, is_global_layer, layer_attention
 from lmsys.models.common import ParamSpec, constrain, swiglu
 from lmsys.models.moe import moe_mlp, moe_param_specs, router_losses
 from lmsys.parallel.fsdp import embed_lookup, fsdp_gather
@@ -53,6 +55,9 @@ def param_specs(cfg: ModelConfig) -> dict:
     if cfg.qk_norm:
         layers["q_norm"] = ParamSpec((L, H), ("layers", "norm"), "ones")
         layers["k_norm"] = ParamSpec((L, H), ("layers", "norm"), "ones")
+    if cfg.post_norms:  # Gemma: on the attention and MLP outputs, before the residual add
+        layers["post_attn_norm"] = ParamSpec((L, D), ("layers", "norm"), "ones")
+        layers["post_mlp_norm"] = ParamSpec((L, D), ("layers", "norm"), "ones")
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
         "layers": layers,
@@ -60,6 +65,9 @@ def param_specs(cfg: ModelConfig) -> dict:
     }
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    if cfg.norm_plus_one:  # norms apply 1 + w: w starts at 0
+        specs = jax.tree.map(lambda s: s._replace(init="zeros") if s.init == "ones" else s, specs,
+                             is_leaf=_is_spec)
     return specs
 
 
@@ -100,31 +108,41 @@ def count_params(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (parameters used in matmuls) + 12 x L x N x H x seq_len
-    for attention scores and values (PaLM appendix B). The embedding lookup is no matmul; the
+    for attention scores and values (PaLM appendix B; a windowed layer's seq_len is at most
+    its window). The embedding lookup is no matmul; the
     output projection is (tied or not)."""
     matmul_params = count_params(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
-    matmul_params -= cfg.d_model * (2 * cfg.n_layers + 1)  # norms
+    matmul_params -= cfg.d_model * ((4 if cfg.post_norms else 2) * cfg.n_layers + 1)  # norms
     matmul_params -= 2 * cfg.n_layers * cfg.head_dim if cfg.qk_norm else 0
     if cfg.n_experts:  # each token runs experts_per_token of the n_experts routed experts
         routed = 3 * cfg.n_layers * cfg.n_experts * cfg.d_model * (cfg.moe_d_ff or cfg.d_ff)
         matmul_params -= routed * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts
-    return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    # a windowed layer's queries see at most `sliding_window` keys
+    context = sum(seq_len if is_global_layer(cfg, i) else min(seq_len, cfg.sliding_window)
+                  for i in range(cfg.n_layers))
+    return 6.0 * matmul_params + 12.0 * cfg.n_heads * cfg.head_dim * context
 
 
 # ----------------------------------------------------------------------------- building blocks
 
 
-def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x_BTD: jax.Array, w_D: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm in float32, scaled by w (or 1 + w: Gemma's `norm_plus_one`)."""
     x = x_BTD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (x * w_D.astype(jnp.float32)).astype(x_BTD.dtype)
+    return (x * (w_D.astype(jnp.float32) + (1.0 if plus_one else 0.0))).astype(x_BTD.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies [head_dim/2], with Llama-3 scaling when rope_scaling_factor > 0:
-    long wavelengths are divided by the factor, short ones kept, the band between blended."""
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies [head_dim/2] of base rope_theta (`local`: of the windowed layers mixed
+    with global ones, base rope_local_theta, unscaled), divided by rope_linear_factor if set, or
+    with Llama-3 scaling when rope_scaling_factor > 0: long wavelengths are divided by the factor,
+    short ones kept, the band between blended."""
     H = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if cfg.rope_linear_factor and not local:
+        return inv_freq / cfg.rope_linear_factor
     if not cfg.rope_scaling_factor:
         return inv_freq
     factor, orig = cfg.rope_scaling_factor, cfg.rope_original_max_position
@@ -209,15 +227,17 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
     lp = _gather_layer(lp, cfg, rules, dtype) if gather else materialize(lp, dtype)
     act = ("batch", "seq", None)
 
-    h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps)
+    if inv_freq.ndim == 2:  # [global, windowed] RoPE bases (Gemma 3)
+        inv_freq = jnp.where(is_global_layer(cfg, layer), inv_freq[0], inv_freq[1])
+    h_BTD = rms_norm(x_BTD, lp["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
     q_BTNH = lora.add(jnp.einsum("btd,dnh->btnh", h_BTD, lp["wq"]), ad, "wq", h_BTD)
     k_BTKH = lora.add(jnp.einsum("btd,dkh->btkh", h_BTD, lp["wk"]), ad, "wk", h_BTD)
     v_BTKH = lora.add(jnp.einsum("btd,dkh->btkh", h_BTD, lp["wv"]), ad, "wv", h_BTD)
     if cfg.qkv_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + lp["bq"], k_BTKH + lp["bk"], v_BTKH + lp["bv"]
     if cfg.qk_norm:  # per head, over head_dim, before RoPE (HF Qwen3Attention)
-        q_BTNH = rms_norm(q_BTNH, lp["q_norm"], cfg.norm_eps)
-        k_BTKH = rms_norm(k_BTKH, lp["k_norm"], cfg.norm_eps)
+        q_BTNH = rms_norm(q_BTNH, lp["q_norm"], cfg.norm_eps, cfg.norm_plus_one)
+        k_BTKH = rms_norm(k_BTKH, lp["k_norm"], cfg.norm_eps, cfg.norm_plus_one)
     q_BTNH = constrain(rules, apply_rope(q_BTNH, positions_BT, inv_freq), ("batch", "seq", "heads", None))
     k_BTKH = constrain(rules, apply_rope(k_BTKH, positions_BT, inv_freq), ("batch", "seq", "kv_heads", None))
     v_BTKH = constrain(rules, v_BTKH, ("batch", "seq", "kv_heads", None))
@@ -227,16 +247,21 @@ def _layer(x_BTD, lp, kv, layer, *, cfg, rules, positions_BT, segment_ids_BT, in
 
     o_BTNH, kv = layer_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
                                  positions_BT=positions_BT, kv=kv, layer=layer,
-                                 page_table_BP=page_table_BP, impl=cfg.attention_impl, rules=rules)
+                                 page_table_BP=page_table_BP, impl=cfg.attention_impl, rules=rules,
+                                 **attention_options(cfg, layer))
     attn_BTD = lora.add(jnp.einsum("btnh,nhd->btd", o_BTNH, lp["wo"]), ad, "wo", o_BTNH)
+    if cfg.post_norms:
+        attn_BTD = rms_norm(attn_BTD, lp["post_attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
     x_BTD = x_BTD + checkpoint_name(constrain(rules, attn_BTD, act), "attn_out")
 
-    h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps)
+    h_BTD = rms_norm(x_BTD, lp["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
     moe_stats = None
     if cfg.n_experts:
         mlp_BTD, moe_stats = moe_mlp(h_BTD, lp, cfg=cfg, rules=rules)
     else:
-        mlp_BTD = swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules, ad)
+        mlp_BTD = swiglu(h_BTD, lp["w_gate"], lp["w_up"], lp["w_down"], rules, ad, cfg.mlp_act)
+    if cfg.post_norms:
+        mlp_BTD = rms_norm(mlp_BTD, lp["post_mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
     x_BTD = x_BTD + checkpoint_name(constrain(rules, mlp_BTD, act), "mlp_out")
     return x_BTD, kv, moe_stats, {"attn": attn_BTD, "mlp": mlp_BTD, "residual": x_BTD}
 
@@ -271,7 +296,11 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
     if unknown := set(capture) - set(CAPTURES):
         raise ValueError(f"capture: unknown activations {sorted(unknown)}; one of {CAPTURES}")
     inv_freq = rope_frequencies(cfg)
+    if cfg.global_every and (cfg.rope_local_theta or cfg.rope_linear_factor):
+        inv_freq = jnp.stack([inv_freq, rope_frequencies(cfg, local=True)])  # each layer its row
     x_BTD = embed_lookup(params["embed"].astype(dtype), tokens_BT, rules)
+    if cfg.embed_scale:  # Gemma: x sqrt(d_model), rounded to the compute dtype first
+        x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, dtype)
     page_table_BP = None if cache is None else cache["page_table"]
 
     # Under remat, gather each layer's fsdp shards explicitly once per pass (without remat the
@@ -307,7 +336,7 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
         (x_BTD, kv), (moe_stats_L, captured) = jax.lax.scan(body, (x_BTD, kv),
                                                             (params["layers"], jnp.arange(cfg.n_layers)))
 
-    x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps)
+    x_BTD = rms_norm(x_BTD, params["final_norm"].astype(dtype), cfg.norm_eps, cfg.norm_plus_one)
     aux = {}
     if cfg.n_experts:  # summed over the layers
         losses_L2 = jax.vmap(partial(router_losses, cfg=cfg))(moe_stats_L)
@@ -324,6 +353,8 @@ def unembed(params: dict, x_BTD: jax.Array, *, cfg: ModelConfig, rules=None, dty
     projection)."""
     logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, unembed_weight(params, cfg=cfg, dtype=dtype),
                             preferred_element_type=jnp.float32)
+    if cfg.final_soft_cap:  # Gemma 2
+        logits_BTV = cfg.final_soft_cap * jnp.tanh(logits_BTV / cfg.final_soft_cap)
     return constrain(rules, logits_BTV, ("batch", "seq", "vocab"))
 
 

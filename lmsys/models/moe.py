@@ -11,12 +11,13 @@ lmsys.models.llama uses it for every layer when `n_experts` > 0; expert parallel
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from lmsys.config import ModelConfig
-from lmsys.models.common import ParamSpec, constrain, swiglu
+from lmsys.models.common import ACTIVATIONS, ParamSpec, constrain, swiglu
 from lmsys.parallel.moe import expert_parallel
 
 
@@ -32,10 +33,12 @@ def moe_param_specs(cfg: ModelConfig) -> dict:
         "w_down": ParamSpec((L, E, F, D), ("layers", "experts", "mlp", "embed"), "normal"),
     }
     if cfg.n_shared_experts:  # n shared experts of width F are one SwiGLU of width n x F
-        S = cfg.n_shared_experts * F
+        S = cfg.shared_d_ff or cfg.n_shared_experts * F
         specs["shared_w_gate"] = ParamSpec((L, D, S), ("layers", "embed", "mlp"), "normal")
         specs["shared_w_up"] = ParamSpec((L, D, S), ("layers", "embed", "mlp"), "normal")
         specs["shared_w_down"] = ParamSpec((L, S, D), ("layers", "mlp", "embed"), "normal")
+    if cfg.shared_expert_gate:  # Qwen2-MoE: the shared output x sigmoid(h . shared_gate)
+        specs["shared_gate"] = ParamSpec((L, D), ("layers", "embed"), "normal")
     return specs
 
 
@@ -52,7 +55,8 @@ def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
     """The routed MLP of one layer, GShard-style dispatch within each row, and its router losses.
 
     Each token picks its top-k experts by router logit; their weights are a softmax over those k
-    logits (Mixtral). Within a row, an expert takes tokens up to its capacity C (`moe_capacity`),
+    logits (Mixtral; `router_norm_topk`), else their probabilities in a softmax over all experts
+    (Qwen2-MoE without norm_topk_prob). Within a row, an expert takes tokens up to its capacity C (`moe_capacity`),
     first choices before second ones, earlier tokens first; assignments past C are dropped. The
     tokens are dispatched to an [experts, batch, C, D] array by a one-hot einsum, run through
     their expert's SwiGLU and combined back with their weights. With `expert` > 1 on the mesh,
@@ -69,7 +73,10 @@ def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
     logits_BTE = jnp.einsum("btd,de->bte", h_BTD, lp["router"], preferred_element_type=jnp.float32)
     logits_BTE = constrain(rules, logits_BTE, ("batch", "seq", "router"))
     top_logits_BTK, expert_BTK = jax.lax.top_k(logits_BTE, K)
-    weights_BTK = jax.nn.softmax(top_logits_BTK, axis=-1)
+    if cfg.router_norm_topk:
+        weights_BTK = jax.nn.softmax(top_logits_BTK, axis=-1)
+    else:
+        weights_BTK = jnp.take_along_axis(jax.nn.softmax(logits_BTE, axis=-1), expert_BTK, axis=-1)
     onehot_BTKE = jax.nn.one_hot(expert_BTK, E, dtype=jnp.int32)
     # slot of each assignment in its expert: count over (choice, token), choice-major
     order_BNE = jnp.swapaxes(onehot_BTKE, 1, 2).reshape(B, K * T, E)
@@ -85,13 +92,17 @@ def moe_mlp(h_BTD: jax.Array, lp: dict, *, cfg: ModelConfig, rules=None):
     weights = (lp["w_gate"], lp["w_up"], lp["w_down"])
     if rules is not None and rules.mesh.shape.get("expert", 1) > 1:
         x_EBCD = constrain(rules, x_EBCD, (None, "batch", None, None))  # each row's slots stay home
-        y_EBCD = expert_parallel(_experts_swiglu, x_EBCD, weights, rules=rules)
+        y_EBCD = expert_parallel(partial(_experts_swiglu, act=cfg.mlp_act), x_EBCD, weights, rules=rules)
     else:
-        y_EBCD = _experts_swiglu(x_EBCD, *weights, rules)
+        y_EBCD = _experts_swiglu(x_EBCD, *weights, rules, act=cfg.mlp_act)
     y_EBCD = constrain(rules, y_EBCD, (None, "batch", None, None))
     out_BTD = jnp.einsum("btec,ebcd->btd", combine_BTEC.astype(dtype), y_EBCD)
     if cfg.n_shared_experts:
-        out_BTD = out_BTD + swiglu(h_BTD, lp["shared_w_gate"], lp["shared_w_up"], lp["shared_w_down"], rules)
+        shared_BTD = swiglu(h_BTD, lp["shared_w_gate"], lp["shared_w_up"], lp["shared_w_down"], rules,
+                            act=cfg.mlp_act)
+        if cfg.shared_expert_gate:
+            shared_BTD = shared_BTD * jax.nn.sigmoid(jnp.einsum("btd,d->bt", h_BTD, lp["shared_gate"]))[..., None]
+        out_BTD = out_BTD + shared_BTD
 
     assigned_E = jnp.sum(onehot_f_BTKE, axis=(0, 1, 2))
     probs_E = jnp.sum(jax.nn.softmax(logits_BTE, axis=-1), axis=(0, 1))
@@ -110,8 +121,8 @@ def router_losses(stats: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.stack([balance, z / tokens])
 
 
-def _experts_swiglu(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD, rules):
+def _experts_swiglu(x_EBCD, w_gate_EDF, w_up_EDF, w_down_EFD, rules, act="silu"):
     gate_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_gate_EDF)
     up_EBCF = jnp.einsum("ebcd,edf->ebcf", x_EBCD, w_up_EDF)
-    hidden_EBCF = constrain(rules, jax.nn.silu(gate_EBCF) * up_EBCF, ("experts", "batch", None, "mlp"))
+    hidden_EBCF = constrain(rules, ACTIVATIONS[act](gate_EBCF) * up_EBCF, ("experts", "batch", None, "mlp"))
     return jnp.einsum("ebcf,efd->ebcd", hidden_EBCF, w_down_EFD)

@@ -29,6 +29,18 @@ PRESETS: dict[str, dict] = {
                          head_dim=128, d_ff=14336, rope_theta=1000000.0, tie_embeddings=False,
                          norm_eps=1e-5, n_experts=8, experts_per_token=2, moe_d_ff=14336,
                          router_aux_loss=0.02),
+    # Gemma-3-27B text shape, for planning: 5 local (window 1,024) : 1 global layers, the global
+    # layers' RoPE scaled linearly x8.
+    "gemma3-27b": dict(vocab_size=262208, d_model=5376, n_layers=62, n_heads=32, n_kv_heads=16,
+                       head_dim=128, d_ff=21504, rope_theta=1000000.0, rope_local_theta=10000.0,
+                       tie_embeddings=True, qk_norm=True, sliding_window=1024, global_every=6,
+                       mlp_act="gelu_tanh", embed_scale=True, post_norms=True, norm_plus_one=True,
+                       query_pre_attn_scalar=168.0, rope_linear_factor=8.0),
+    # Qwen3-30B-A3B shape (30.5B params, 3.3B active per token), for planning: 128 experts, top-8.
+    "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4,
+                          head_dim=128, d_ff=6144, rope_theta=1000000.0, tie_embeddings=False,
+                          qk_norm=True, n_experts=128, experts_per_token=8, moe_d_ff=768,
+                          router_aux_loss=0.001),
     # Llama-3.1-70B shape.
     "70b": dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                 head_dim=128, d_ff=28672, rope_theta=500000.0, tie_embeddings=False,

@@ -74,21 +74,26 @@ def _layout_index(dev, T: int, n: int, balance: bool) -> jax.Array:
     return (dev * T + jnp.arange(T))[None]
 
 
-def _mask(q_idx_T, kv_idx_S, q_seg_BT, kv_seg_BS, causal):
+def _mask(q_idx_T, kv_idx_S, q_seg_BT, kv_seg_BS, causal, window=None):
     mask_BTS = q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
     if causal:
         mask_BTS &= kv_idx_S[None, None, :] <= q_idx_T[None, :, None]
+    if window is not None:
+        mask_BTS &= kv_idx_S[None, None, :] > q_idx_T[None, :, None] - window
     return mask_BTS
 
 
-def _logits(q_BTKGH, k_BSKH, mask_BTS, scale):
+def _logits(q_BTKGH, k_BSKH, mask_BTS, scale, soft_cap=None):
     """Masked logits of a query chunk against a key chunk."""
     logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
                               preferred_element_type=jnp.float32) * scale
+    if soft_cap is not None:
+        logits_BKGTS = soft_cap * jnp.tanh(logits_BKGTS / soft_cap)
     return jnp.where(mask_BTS[:, None, None], logits_BKGTS, MASKED)
 
 
-def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
+def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance, window=None,
+                soft_cap=None):
     """Runs on one device inside shard_map: its query chunk against all K/V chunks. Returns the
     output and the number of query-key pairs it computed (per batch row and head)."""
     B, T, N, H = q_BTNH.shape
@@ -112,8 +117,8 @@ def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
         m_PBKGc, l_PBKGc, o_PBKGcH, work = stats
         k_PBcKH, v_PBcKH, kv_seg_PBc = kv
         mask = _mask(pick(q_idx_Pc, qi), pick(_layout_index(src, T, n, balance), kj),
-                     pick(q_seg_PBc, qi), pick(kv_seg_PBc, kj), causal)
-        logits = _logits(pick(q_PBcKGH, qi), pick(k_PBcKH, kj), mask, scale)
+                     pick(q_seg_PBc, qi), pick(kv_seg_PBc, kj), causal, window)
+        logits = _logits(pick(q_PBcKGH, qi), pick(k_PBcKH, kj), mask, scale, soft_cap)
         m, l, o = pick(m_PBKGc, qi), pick(l_PBKGc, qi), pick(o_PBKGcH, qi)
         # The output does not depend on the running max: no gradient through it (nothing of the
         # max's backward is kept). Masked entries add exp(-1e30 - m) = 0, as the own chunk is
@@ -165,7 +170,8 @@ def _ring_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
     return out_BTNH, work[None]
 
 
-def _allgather_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance):
+def _allgather_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balance, window=None,
+                     soft_cap=None):
     """Runs on one device inside shard_map: gathers all K/V, attends its query chunk to them.
     Returns the output and the number of query-key pairs it computed."""
     B, T, N, H = q_BTNH.shape
@@ -176,13 +182,14 @@ def _allgather_local(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, causal, scale, n, balanc
     q_idx_T = _layout_index(jax.lax.axis_index(AXIS), T, n, balance).reshape(T)
     kv_idx_S = jnp.concatenate([_layout_index(d, T, n, balance).reshape(T) for d in range(n)])
     logits = _logits(q_BTNH.reshape(B, T, K, N // K, H), k_BSKH,
-                     _mask(q_idx_T, kv_idx_S, seg_BT, seg_BS, causal), scale)
+                     _mask(q_idx_T, kv_idx_S, seg_BT, seg_BS, causal, window), scale, soft_cap)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H).astype(q_BTNH.dtype), jnp.full((1,), T * n * T, jnp.float32)
 
 
-def _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal, sm_scale):
+def _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal, sm_scale,
+                      window=None, soft_cap=None):
     n = rules.mesh.shape[AXIS]
     balance = rules.sequence_load_balance
     scale = q_BTNH.shape[-1] ** -0.5 if sm_scale is None else sm_scale
@@ -197,19 +204,23 @@ def _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal, 
         raise ValueError(f"the sequence ({T} tokens) does not split over mesh.sequence={n}")
     if balance:
         _check_balanced_split(T, n)
-    fn = jax.shard_map(partial(local, causal=causal, scale=scale, n=n, balance=balance),
+    fn = jax.shard_map(partial(local, causal=causal, scale=scale, n=n, balance=balance,
+                               window=window, soft_cap=soft_cap),
                        mesh=rules.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
                        out_specs=(q_spec, P(AXIS)), check_vma=False)
     return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
 
 
 def context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal: bool = True,
-                               sm_scale: float | None = None):
+                               sm_scale: float | None = None, sliding_window: int | None = None,
+                               logits_soft_cap: float | None = None):
     """Attention with the sequence split over the mesh's `sequence` axis (see the module doc),
     by `rules.sequence_method`, the tokens in `rules.sequence_load_balance`'s layout. Batch and
-    heads stay split as the rule table says."""
+    heads stay split as the rule table says. `sliding_window` (keys at global index > query's -
+    window) and `logits_soft_cap` as in lmsys.kernels.attention; a window masks inside the
+    blocks (blocks wholly outside it are still computed)."""
     return _context_parallel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, rules=rules, causal=causal,
-                             sm_scale=sm_scale)[0]
+                             sm_scale=sm_scale, window=sliding_window, soft_cap=logits_soft_cap)[0]
 
 
 def attention_work_per_device(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules,

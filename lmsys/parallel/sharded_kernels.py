@@ -14,8 +14,10 @@ from jax.sharding import PartitionSpec as P
 POOL_AXES = (None, "kv_pages", None, "kv_heads", None)
 
 
-def sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal: bool = True):
-    """lmsys.kernels.flash_attention per shard. KV heads that the rule table leaves replicated
+def sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, causal: bool = True,
+                            **options):
+    """lmsys.kernels.flash_attention per shard (`options`: its sm_scale, sliding_window,
+    logits_soft_cap). KV heads that the rule table leaves replicated
     (fewer KV heads than the `tensor` axis) are narrowed on each device to the one KV head its
     query heads use."""
     from lmsys.kernels.flash_attention import flash_attention
@@ -34,7 +36,7 @@ def sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, ca
             k = jax.lax.dynamic_slice_in_dim(k, k_head, 1, axis=2)
             v = jax.lax.dynamic_slice_in_dim(v, k_head, 1, axis=2)
         return flash_attention(q, k, v, causal=causal, segment_ids=seg[0] if seg else None,
-                               backend=rules.backend, interpret=rules.backend == "cpu")
+                               backend=rules.backend, interpret=rules.backend == "cpu", **options)
 
     args, specs = (q_BTNH, k_BTKH, v_BTKH), (q_spec, kv_spec, kv_spec)
     if segment_ids_BT is not None:  # without them the Hopper kernel can take the call
@@ -44,8 +46,9 @@ def sharded_flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, rules, ca
 
 
 def sharded_paged_attention(q_BNH, k_pages_LPSKH, v_pages_LPSKH, lengths_B, page_table_BP, *,
-                            layer, rules, pool_spec: P | None = None):
-    """lmsys.kernels.paged_attention per shard of the KV pool: each device reads only its own
+                            layer, rules, pool_spec: P | None = None, **options):
+    """lmsys.kernels.paged_attention per shard of the KV pool (`options`: its sm_scale,
+    sliding_window, logits_soft_cap): each device reads only its own
     pages, in place. The pool (all layers, with `layer` picking one) is laid out as `pool_spec`
     says (default: the rule table's POOL_AXES, as the engine lays it out): its KV heads split
     the query heads the same way; when its page axis is split too, the batch is split over the
@@ -69,14 +72,14 @@ def sharded_paged_attention(q_BNH, k_pages_LPSKH, v_pages_LPSKH, lengths_B, page
     manual = set(batch_axes) | set(head_axes)
     if not manual:
         return paged_attention(q_BNH, k_pages_LPSKH, v_pages_LPSKH, lengths_B, page_table_BP,
-                               layer=layer)
+                               layer=layer, **options)
     rows = _entry(batch_axes)
     q_spec = P(rows, _entry(head_axes))
 
     def local(q, k, v, lengths, pt, layer):
         if page_axes:  # global page ids -> this shard's
             pt = pt - jax.lax.axis_index(page_axes) * k.shape[1]
-        return paged_attention(q, k, v, lengths, pt, layer=layer)
+        return paged_attention(q, k, v, lengths, pt, layer=layer, **options)
 
     return jax.shard_map(local, mesh=rules.mesh, axis_names=manual,
                          in_specs=(q_spec, pool_spec, pool_spec, P(rows), P(rows), P()),

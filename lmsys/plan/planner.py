@@ -251,15 +251,16 @@ def _factorizations(n: int, k: int):
 
 
 def search(cfg: Config, devices: int, hardware: str, *, max_tensor: int = 8) -> list[Plan]:
-    """Every data x fsdp x tensor mesh of `devices` (tensor <= max_tensor: tensor parallelism
-    wants the fast links inside one node or slice) and remat policy that the analytical model
-    says fits, fastest first (roofline step time; then less memory)."""
+    """Every data x fsdp x tensor mesh of `devices` (x expert for a mixture of experts; tensor <=
+    max_tensor: tensor parallelism wants the fast links inside one node or slice) and remat
+    policy that the analytical model says fits, fastest first (roofline step time; then less
+    memory)."""
     plans = []
-    for (data, fsdp, tensor), remat in itertools.product(_factorizations(devices, 3), ("none", "selective", "full")):
-        if tensor > max_tensor:
+    axes = ("data", "fsdp", "tensor") + (("expert",) if cfg.model.n_experts else ())
+    for sizes, remat in itertools.product(_factorizations(devices, len(axes)), ("none", "selective", "full")):
+        if sizes[2] > max_tensor:
             continue
-        mesh = dataclasses.replace(cfg.mesh, **{**dict.fromkeys(MESH_AXES, 1), "data": data,
-                                                "fsdp": fsdp, "tensor": tensor})
+        mesh = dataclasses.replace(cfg.mesh, **{**dict.fromkeys(MESH_AXES, 1), **dict(zip(axes, sizes))})
         cand = dataclasses.replace(cfg, mesh=mesh, remat=remat)
         try:
             plan = analyze(cand, devices, hardware)

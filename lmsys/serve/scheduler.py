@@ -18,7 +18,9 @@ or is preempted, and reused. With D data shards (slot groups), shard g owns the 
 request admitted into group g gets pages only from shard g's range, and a model call's rows
 [g * B/D, (g+1) * B/D) belong to group g, with page ids local to the shard (`local_pages`).
 Preemption and refusal work per shard: a request that needs more pages than one shard holds is
-refused.
+refused. With `window` > 0 (a model whose every layer is windowed) the pages wholly before a
+request's window are freed as it advances (lmsys.serve.window_pages), so it needs pages for
+about one window, not its whole length.
 
 With prefix caching (`prefix_cache=True`, `lmsys.serve.prefix_cache`) the pool is a
 `CachingPagePool`: before each chunk, a request takes the longest run of cached pages that
@@ -62,6 +64,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lmsys.serve import window_pages
 from lmsys.serve.stops import IncrementalDetokenizer, StopChecker
 
 MAX_TOP_LOGPROBS = 5  # OpenAI's limit for `logprobs` on completions
@@ -185,9 +188,10 @@ class PagePool:
         assert n <= len(free)
         return [free.popleft() for _ in range(n)]
 
-    def release(self, pages: list[int]) -> None:
+    def release(self, pages: list[int | None]) -> None:
         for page in pages:
-            self.free_lists[page // self.pages_per_shard].append(page)
+            if page is not None:  # None: freed already (lmsys.serve.window_pages)
+                self.free_lists[page // self.pages_per_shard].append(page)
 
 
 class Scheduler:
@@ -198,10 +202,11 @@ class Scheduler:
     def __init__(self, num_pages: int, num_shards: int = 1, *, max_slots: int = 8, page_size: int = 16,
                  max_seq_len: int = 512, prefill_chunk: int = 64, prefill_tokens: int = 0,
                  batch_invariant: bool = False, fine_widths: bool = False,
-                 shard_axes: tuple[str, ...] = (), prefix_cache: bool = True):
+                 shard_axes: tuple[str, ...] = (), prefix_cache: bool = True, window: int = 0):
         if max_seq_len % page_size:
             raise ValueError(f"max_seq_len {max_seq_len} must be a multiple of page_size {page_size}")
         self.page_size, self.max_seq_len, self.prefill_chunk = page_size, max_seq_len, prefill_chunk
+        self.window = window  # > 0: pages before every request's window are recycled
         self.pages_per_seq = max_seq_len // page_size
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -263,11 +268,14 @@ class Scheduler:
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} "
                 f"exceeds the context of {self.max_seq_len} tokens; shorten the prompt or "
                 f"lower max_tokens", code="context_length_exceeded")
-        if math.ceil(total / self.page_size) > self.pool.pages_per_shard:
+        need = math.ceil(total / self.page_size)
+        if self.window:
+            need = window_pages.live_pages(total, self.window, self.page_size, self.prefill_chunk)
+        if need > self.pool.pages_per_shard:
             per_shard = "" if self.num_shards == 1 else (
                 f" per data shard ({self.pool.num_pages} over {self.num_shards} shards)")
             raise RequestError(
-                f"the request needs {math.ceil(total / self.page_size)} KV pages but the pool "
+                f"the request needs {need} KV pages but the pool "
                 f"has {self.pool.pages_per_shard}{per_shard}; lower max_tokens or give the server "
                 f"more pages", code="context_length_exceeded")
 
@@ -326,6 +334,9 @@ class Scheduler:
         """Gives `req` pages of its shard for `num_tokens`, preempting newer requests of the
         shard if it is short; False if even that is not enough (then `req` waits; if it is the
         newest, it is preempted itself)."""
+        if self.window:
+            self.pool.release(window_pages.free_before_window(
+                req.pages, req.num_computed, self.window, self.page_size))
         need = self._pages_for(req, num_tokens)
         while need > self.pool.num_free_in(req.shard):
             newer = [r for r in self.running if r.shard == req.shard and (
@@ -339,7 +350,7 @@ class Scheduler:
     def local_pages(self, req: Request) -> list[int]:
         """The request's pages as ids local to its shard (the start of its page table row)."""
         first = self.pool.shard_range(req.shard).start
-        return [page - first for page in req.pages]
+        return [page - first for page in window_pages.table_row(req.pages)]
 
     # ------------------------------------------------------------------ one iteration's plan
 
