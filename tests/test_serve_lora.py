@@ -81,6 +81,9 @@ def test_http_model_picks_the_adapter_and_models_lists_them(served):
         body = {"model": "b", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
         out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         assert out["model"] == "b" and out["choices"][0]["text"] == direct.text
+        # the base's embeddings on a server holding an adapter bank (the bank's slot 0: no adapter)
+        emb = httpx.post(f"{server.url}/v1/embeddings", json={"model": "tiny", "input": [prompt]}, timeout=60)
+        assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == engine.model.d_model
         missing = httpx.post(f"{server.url}/v1/completions", json={**body, "model": "z"}, timeout=60)
         assert missing.status_code == 404 and "'tiny', 'a', 'b', 'c'" in missing.json()["error"]["message"]
     finally:

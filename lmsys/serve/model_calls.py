@@ -103,6 +103,7 @@ class ModelCalls:
         B, T, D] in float32, over the prefill path without KV pages (nor output projection)."""
         T = tokens_BT.shape[1]
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        params = with_rows(params, jnp.zeros(tokens_BT.shape[0], jnp.int32))  # a LoRA bank: the base
         _, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
                                dtype=self.dtype, logits=False, capture=capture)
         return {k: v.astype(jnp.float32) for k, v in aux["captured"].items()}
@@ -113,6 +114,7 @@ class ModelCalls:
         the mean over each row's first `lengths_B` tokens, or its last token's (`pooling`)."""
         T = tokens_BT.shape[1]
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
+        params = with_rows(params, jnp.zeros(tokens_BT.shape[0], jnp.int32))  # a LoRA bank: the base
         x_BTD, _ = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
                                  dtype=self.dtype, logits=False)
         x_BTD = x_BTD.astype(jnp.float32)
