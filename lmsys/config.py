@@ -160,6 +160,17 @@ class EvalConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A JAX profiler trace of a few training steps (lmsys.train.profile), for TensorBoard's
+    profile plugin or Perfetto: steps start_step .. start_step + steps - 1 (as numbered in
+    metrics.jsonl), each waited for before the trace stops."""
+
+    steps: int = 0  # steps to trace; 0 = no trace
+    start_step: int = 3  # the first traced step (the first steps warm up caches and allocators)
+    dir: str = ""  # a local directory; "" = <run_dir>/profile (with several processes: process_<i>/ in it)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -170,6 +181,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -390,6 +402,22 @@ def validate(cfg: Config) -> None:
     if axis_size(cfg.mesh, "stage") > 1:  # -1 (fill) is checked once the mesh is built (Trainer)
         check_pipeline(cfg, axis_size(cfg.mesh, "stage"))
     check_eval(cfg)
+    check_profile(cfg)
+
+
+def check_profile(cfg: Config) -> None:
+    """The profile.* keys: a trace window inside the run, written to a local directory."""
+    p = cfg.profile
+    check_key(p.steps >= 0, "profile.steps", p.steps, "must be >= 0 (0 = no trace)")
+    check_key(p.start_step >= 1, "profile.start_step", p.start_step, "must be >= 1 (steps count from 1)")
+    if p.steps:
+        check_key(p.start_step + p.steps - 1 <= cfg.steps, "profile.start_step", p.start_step,
+                  f"traces steps {p.start_step}..{p.start_step + p.steps - 1}, past the run's last "
+                  f"step ({cfg.steps}); lower profile.start_step or profile.steps")
+        where = p.dir or cfg.run_dir
+        check_key("://" not in where, "profile.dir", p.dir,
+                  f"the JAX profiler writes to a local directory and {where!r} is a URL; set "
+                  f"profile.dir=/a/local/dir")
 
 
 def check_eval(cfg: Config) -> None:
