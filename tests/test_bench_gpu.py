@@ -1,0 +1,68 @@
+"""The GPU modes of `python -m lmsys.bench.train` on a CPU: argument checks, the MFU arithmetic
+against a formula written out here, the torch peer skipped without CUDA (with its reason) and
+run on the CPU on request (same first-step loss as lmsys)."""
+
+import json
+
+import pytest
+
+import lmsys.bench.train
+from lmsys.bench.peaks import mfu_figures
+from lmsys.config import from_dict
+
+TINY = ["--preset", "tiny", "--set", "model.n_layers=1", "--set", "model.n_kv_heads=2",
+        "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--warmup", "0", "--repeats", "1"]
+
+
+def test_mfu_arithmetic_matches_the_formula():
+    m = from_dict({"model": {"preset": "1b", "n_layers": 2}}).model
+    V, D, L, N, K, H, F, T = m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff, 4096
+    matmul = L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D  # tied: the head once
+    full, causal = 6 * matmul + 12 * L * N * H * T, 6 * matmul + 6 * L * N * H * T
+    tps = 30_000.0
+    fig = mfu_figures(tps, m, T, 1, "NVIDIA H200", measured_peak=700e12)
+    assert fig["datasheet_peak_tflops"] == pytest.approx(989.4)
+    assert fig["mfu_datasheet"] == pytest.approx(tps * full / 989.4e12, rel=1e-12)
+    assert fig["mfu_datasheet_causal"] == pytest.approx(tps * causal / 989.4e12, rel=1e-12)
+    assert fig["mfu_measured"] == pytest.approx(tps * full / 700e12, rel=1e-12)
+    assert fig["model_tflops"] == pytest.approx(tps * full / 1e12, rel=1e-12)
+    two = mfu_figures(tps, m, T, 2, "cpu")  # unknown kind, no measurement: no MFU
+    assert two["mfu_datasheet"] is None and two["mfu_measured"] is None
+    assert two["model_tflops"] == pytest.approx(fig["model_tflops"] / 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peer-cpu"], "--peer-cpu and --torch-compile go with --peer torch"),
+    (["--peer", "torch", "--mesh", "fsdp=-1"], "leave out --mesh"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--peer", "jax"], "invalid choice: 'jax'"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        lmsys.bench.train.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_torch_peer_is_skipped_without_cuda_with_its_reason(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the peer runs")
+    result = lmsys.bench.train.main(TINY + ["--peer", "torch"])
+    assert "torch.cuda.is_available() is False" in result["peer_skipped"]
+    out = capsys.readouterr().out
+    assert "torch peer skipped: no CUDA device for torch" in out
+    assert result["lmsys_tokens_per_s"] > 0 and "torch_tokens_per_s" not in result
+
+
+def test_torch_peer_on_cpu_computes_lmsys_loss(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out_json, trace = tmp_path / "r.json", tmp_path / "trace"
+    result = lmsys.bench.train.main(TINY + ["--peer", "torch", "--peer-cpu", "--measure-peak",
+                                            "--peak-n", "128", "--json", str(out_json),
+                                            "--profile", str(trace)])
+    assert result["loss_rel_diff"] < 1e-5  # float32 on both sides: the same function
+    assert result["torch_tokens_per_s"] > 0 and result["tokens_per_s_ratio"] > 0
+    assert result["lmsys_measured_peak_tflops"] > 0 and result["lmsys_mfu_measured"] > 0
+    assert json.loads(out_json.read_text())["torch_loss"] == pytest.approx(result["torch_loss"])
+    assert any(p.name.endswith(".xplane.pb") for p in trace.rglob("*"))
+    assert "lmsys/torch tokens/s ratio:" in capsys.readouterr().out
