@@ -3,6 +3,7 @@ against a formula written out here, the torch peer skipped without CUDA (with it
 run on the CPU on request (same first-step loss as lmsys)."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -66,3 +67,37 @@ def test_torch_peer_on_cpu_computes_lmsys_loss(tmp_path, capsys):
     assert json.loads(out_json.read_text())["torch_loss"] == pytest.approx(result["torch_loss"])
     assert any(p.name.endswith(".xplane.pb") for p in trace.rglob("*"))
     assert "lmsys/torch tokens/s ratio:" in capsys.readouterr().out
+
+
+def test_decode_roofline_bytes_match_the_formula():
+    from lmsys.bench.decode import roofline_bytes
+
+    m = from_dict({"model": {"preset": "8b", "n_layers": 2}}).model  # untied: only the batch's embedding rows
+    n_params = sum(x for x in (
+        2 * m.vocab_size * m.d_model + m.d_model,  # embedding, head, final norm
+        m.n_layers * (m.d_model * m.n_heads * m.head_dim * 2 + 2 * m.d_model * m.n_kv_heads * m.head_dim
+                      + 3 * m.d_model * m.d_ff + 2 * m.d_model)))
+    b = roofline_bytes(m, batch=64, context=2048.5)
+    assert b["weight_bytes"] == 2 * (n_params - (m.vocab_size - 64) * m.d_model)
+    assert b["kv_bytes"] == 2 * (2 * m.n_layers * m.n_kv_heads * m.head_dim * 2048.5 * 64)
+
+
+def test_gpu_recipe_dry_run_writes_its_report(tmp_path):
+    """recipes/gpu/mfu.py --smoke (two of its runs): the files the device tool brings back."""
+    import subprocess
+    import sys
+
+    from tests.common import subprocess_env
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "mfu.py"
+    bad = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--only", "nope"],
+                         capture_output=True, text=True, env=subprocess_env())
+    assert bad.returncode == 2 and "--only: no run named nope" in bad.stderr
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--only",
+                           "peaks,decode_1b"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mfu.json", "mfu.md", "runs.log"]
+    results = json.loads((tmp_path / "mfu.json").read_text())
+    assert results["peaks"]["result"]["matmul_tflops"] > 0
+    assert 0 < results["decode_1b"]["result"]["fraction_of_roofline"]
+    assert "of the roofline" in (tmp_path / "mfu.md").read_text()

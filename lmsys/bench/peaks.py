@@ -19,6 +19,7 @@ bf16 matmul on the same chip (`matmul_peak`).
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default="", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     for name in ("n", "copy_mib", "iters", "reps"):
         if getattr(args, name) < 1:
@@ -93,8 +95,13 @@ def main(argv=None) -> dict:
     print(f"bf16 matmul   {args.n}^3: {flops / 1e12:.1f} TFLOP/s"
           + (f" ({100 * flops / sheet:.0f}% of the datasheet {sheet / 1e12:.0f})" if sheet else ""))
     print(f"copy          {args.copy_mib} MiB bf16: {bw / 1e9:.0f} GB/s (read + write)")
-    return {"device": dev.device_kind, "matmul_tflops": flops / 1e12, "copy_gbs": bw / 1e9,
-            "datasheet_tflops": sheet and sheet / 1e12, "matmul_n": args.n}
+    result = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+              "matmul_tflops": flops / 1e12, "copy_gbs": bw / 1e9,
+              "datasheet_tflops": sheet and sheet / 1e12, "matmul_n": args.n}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

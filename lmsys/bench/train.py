@@ -17,7 +17,7 @@ On a GPU (issue 24: training MFU beside PyTorch):
 
     python -m lmsys.bench.train --preset 1b --seq-len 4096 --batch-size 8 --dtype bfloat16 \
         --remat full --set loss_chunk=1024 --peer torch --measure-peak --json out.json
-    python -m lmsys.bench.train --preset 8b --set model.n_layers=8 --seq-len 4096 --batch-size 4 \
+    python -m lmsys.bench.train --preset 8b --set model.n_layers=6 --seq-len 4096 --batch-size 4 \
         --dtype bfloat16 --remat full --set loss_chunk=1024 --peer torch --measure-peak
 
 `--peer torch` times the same model in PyTorch + transformers instead of the hand-written JAX
@@ -29,7 +29,8 @@ the same chip (lmsys.bench.peaks says which FLOPs count); peak memory per side w
 backend reports it. The 8B shape fits one H200 (141 GB) at batch 4 x 4096, bf16 compute,
 float32 params + Adam, remat full, loss_chunk 1024 up to 26 layers by `lmsys plan` (123 GB of
 the 90% it allows); with the torch peer resident in the same process both sides must fit, so
-8 layers (the plan: 58 GB per side).
+6 layers (the plan: 50.5 GB for lmsys; torch by the same count ~38 GB of float32 params, grads
+and Adam moments plus ~25 GB for the unchunked [4 x 4096 x 128k] logits and their gradient).
 """
 
 from __future__ import annotations
