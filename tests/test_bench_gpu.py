@@ -101,3 +101,24 @@ def test_gpu_recipe_dry_run_writes_its_report(tmp_path):
     assert results["peaks"]["result"]["matmul_tflops"] > 0
     assert 0 < results["decode_1b"]["result"]["fraction_of_roofline"]
     assert "of the roofline" in (tmp_path / "mfu.md").read_text()
+
+
+def test_a_failing_torch_peer_leaves_lmsys_figures(monkeypatch, capsys):
+    """Out of memory (or a torch.compile error) on the peer's side mid-run: the lmsys side is
+    still timed and reported, and the failure is the peer's stated reason."""
+    pytest.importorskip("transformers")
+    from lmsys.bench.torch_peer import TorchPeer
+
+    calls, step = [], TorchPeer.step
+
+    def failing_step(self):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 16.00 GiB\nmore")
+        return step(self)
+
+    monkeypatch.setattr(TorchPeer, "step", failing_step)
+    result = lmsys.bench.train.main(TINY + ["--peer", "torch", "--peer-cpu"])
+    assert result["peer_skipped"] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 16.00 GiB"
+    assert result["lmsys_tokens_per_s"] > 0 and "torch_tokens_per_s" not in result
+    assert "torch peer skipped: failed: RuntimeError" in capsys.readouterr().out

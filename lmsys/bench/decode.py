@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmsys.bench.peaks import copy_bandwidth
+from lmsys.bench.peaks import check_positive, copy_bandwidth, write_json
 from lmsys.config import from_dict
 from lmsys.models import llama
 from lmsys.serve.engine import Engine, EngineConfig
@@ -64,14 +63,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--json", default="", metavar="PATH")
     args = ap.parse_args(argv)
-    for name in ("batch", "context", "steps", "blocks", "page_size", "prefill_chunk", "copy_mib"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(ap, args, ("batch", "context", "steps", "blocks", "page_size", "prefill_chunk", "copy_mib"))
     if args.warmup < 1:
         ap.error(f"--warmup must be >= 1 (the first decode step compiles), got {args.warmup}")
 
     model = from_dict({"model": {"preset": args.preset}}, args.set).model
-    new_tokens = 1 + args.warmup + args.blocks * args.steps
+    new_tokens = args.warmup + args.blocks * args.steps + 4  # slack: a first decode may join the last prefill step
     max_seq = -(-(args.context + new_tokens) // args.page_size) * args.page_size
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), llama.init(jax.random.key(0), model))
     engine = Engine(params, model, _IdsOnly(), EngineConfig(
@@ -121,10 +118,7 @@ def main(argv=None) -> dict:
     print(f"decode        {1e3 * step_s:.2f} ms/step, {args.batch / step_s:,.0f} tokens/s")
     print(f"roofline      {1e3 * roof_s:.2f} ms/step, {args.batch / roof_s:,.0f} tokens/s")
     print(f"fraction of the roofline: {100 * roof_s / step_s:.1f}% (goal >= 70%)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

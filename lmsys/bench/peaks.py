@@ -76,6 +76,21 @@ def mfu_figures(tokens_per_second: float, cfg: ModelConfig, seq_len: int, n_devi
     return out
 
 
+def check_positive(ap: argparse.ArgumentParser, args, names) -> None:
+    """Refuses (argparse's error, exit 2) any of `names` below 1, naming its flag."""
+    for name in names:
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def write_json(path: str, result: dict) -> dict:
+    """Writes `result` to `path` when one is given (the benches' --json); returns it."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8192, help="matmul size n (n x n x n)")
@@ -84,9 +99,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default="", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args(argv)
-    for name in ("n", "copy_mib", "iters", "reps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(ap, args, ("n", "copy_mib", "iters", "reps"))
     dev = jax.devices()[0]
     flops = matmul_peak(args.n, args.iters, args.reps)
     bw = copy_bandwidth(args.copy_mib, args.iters, args.reps)
@@ -98,10 +111,7 @@ def main(argv=None) -> dict:
     result = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
               "matmul_tflops": flops / 1e12, "copy_gbs": bw / 1e9,
               "datasheet_tflops": sheet and sheet / 1e12, "matmul_n": args.n}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_json(args.json, result)
 
 
 if __name__ == "__main__":

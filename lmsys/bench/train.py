@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -46,7 +45,7 @@ import jax
 import numpy as np
 
 from lmsys.bench import handwritten
-from lmsys.bench.peaks import matmul_peak, mfu_figures, peak_memory
+from lmsys.bench.peaks import check_positive, matmul_peak, mfu_figures, peak_memory, write_json
 from lmsys.config import from_dict
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
@@ -86,9 +85,7 @@ def parse_args(argv=None):
                    help="after timing, write a JAX profiler trace of one lmsys block to DIR")
     p.add_argument("--json", default="", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps", "repeats", "peak_n"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(p, args, ("batch_size", "seq_len", "steps", "repeats", "peak_n"))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.peer != "torch" and (args.peer_cpu or args.torch_compile != "auto"):
@@ -181,6 +178,19 @@ def _torch_side(cfg, lm_state, batch, args):
     return side
 
 
+def _peer_failed(e: Exception) -> str:
+    import traceback
+
+    traceback.print_exc()
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing is best effort
+        pass
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     skipped = None
@@ -212,7 +222,10 @@ def main(argv=None) -> dict:
     if args.peer == "handwritten":
         peer = _handwritten_side(cfg, trainer, lm_state, batch, device)
     elif args.peer == "torch" and not skipped:
-        peer = _torch_side(cfg, lm_state, batch, args)
+        try:  # a failing peer (e.g. out of memory, a torch.compile error) leaves lmsys's figures
+            peer = _torch_side(cfg, lm_state, batch, args)
+        except Exception as e:  # noqa: BLE001 - reported, and the run goes on without the peer
+            skipped = _peer_failed(e)
 
     def lm_step(s):  # s = (state, metrics)
         return trainer.step(s[0], lm_batch)
@@ -237,22 +250,32 @@ def main(argv=None) -> dict:
             float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
             for a, b in zip(jax.tree.leaves(lm.state[0]["params"]), jax.tree.leaves(peer.state[0])))
 
-    for _ in range(args.warmup):
-        for side in sides:
-            side.state = side.step(side.state)
-    # Timed blocks alternate, and so does which side goes first in each pair.
-    for r in range(args.repeats):
-        for side in sides[::1 if r % 2 == 0 else -1]:
-            side.state, dt = timed_block(side.step, side.state, args.steps, side.sync)
-            side.times.append(dt)
+    # Untimed warm-up blocks, then timed blocks alternating, and so does which side goes first.
+    for r in range(-1 if args.warmup else 0, args.repeats):
+        for side in list(sides[::1 if r % 2 == 0 else -1]):
+            try:
+                side.state, dt = timed_block(side.step, side.state, args.warmup if r < 0 else args.steps,
+                                             side.sync)
+            except Exception as e:  # noqa: BLE001 - only the torch peer's failure is survivable
+                if side.name != "torch":
+                    raise
+                sides.remove(side)
+                skipped = _peer_failed(e)
+                continue
+            if r >= 0:
+                side.times.append(dt)
+    peer = sides[1] if len(sides) > 1 else None
+    result["peer_skipped"] = skipped
     if args.profile:
-        with jax.profiler.trace(args.profile):
-            lm.state, _ = timed_block(lm.step, lm.state, args.steps)
-        result["profile_dir"] = args.profile
+        try:
+            with jax.profiler.trace(args.profile):
+                lm.state, _ = timed_block(lm.step, lm.state, args.steps)
+            result["profile_dir"] = args.profile
+        except Exception as e:  # noqa: BLE001 - a profiler that cannot start loses no figures
+            result["profile_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"profile not written: {result['profile_error']}", flush=True)
     _report(args, cfg, mesh, sides, result, measured_peak)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     if peer:
         tol = (LOSS_RTOL if peer.name == "handwritten" else TORCH_LOSS_RTOL)[cfg.dtype]
         if not result["loss_rel_diff"] <= tol:
