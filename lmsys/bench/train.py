@@ -23,7 +23,8 @@ On a GPU (issue 24: training MFU beside PyTorch):
 `--peer torch` times the same model in PyTorch + transformers instead of the hand-written JAX
 step (lmsys.bench.torch_peer says how it is set up), both sides on one chip in one process, on
 a batch of one document per row (SDPA takes no packed segment ids); JAX's allocator then grows
-on demand instead of taking 75% of the GPU first. `--peer none` times lmsys alone. MFU is
+on demand instead of taking 75% of the GPU first. `--peer none` times lmsys alone (on the same
+one-document rows, so its figures compare with a `--peer torch` run's). MFU is
 reported against the datasheet peak and, with `--measure-peak`, against a bf16 matmul timed on
 the same chip (lmsys.bench.peaks says which FLOPs count); peak memory per side where the
 backend reports it. The 8B shape fits one H200 (141 GB) at batch 4 x 4096, bf16 compute,
@@ -215,7 +216,7 @@ def main(argv=None) -> dict:
 
     # --- both steps, from the same parameters, on the same batch
     batch = synthetic_batch(cfg.batch_size, cfg.seq_len, m.vocab_size,
-                            documents=1 if args.peer == "torch" else 2)
+                            documents=2 if args.peer == "handwritten" else 1)
     lm_batch = jax.device_put(batch, trainer.batch_sharding)
     lm_state = trainer.init(cfg.seed)
     peer = None
@@ -308,7 +309,7 @@ def _report(args, cfg, mesh, sides, result, measured_peak) -> None:
         f"{fpt / 1e6:.1f} MFLOP/token (6 x matmul params + 12 x L x heads x head_dim x seq)",
         (f"run           batch {cfg.batch_size} x seq {cfg.seq_len} = {tokens:,} tokens/step, "
          f"{cfg.dtype}, remat {cfg.remat}, loss_chunk {cfg.loss_chunk}, attention {m.attention_impl}, "
-         f"{'one document' if args.peer == 'torch' else 'two packed documents'} per row"),
+         f"{'two packed documents' if args.peer == 'handwritten' else 'one document'} per row"),
         f"lmsys mesh    {mesh_desc} ({devices})" + (f"; {peer.name} step: 1 device" if peer else ""),
     ]
     if peer is not None and peer.name == "torch":
