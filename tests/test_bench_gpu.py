@@ -122,3 +122,35 @@ def test_a_failing_torch_peer_leaves_lmsys_figures(monkeypatch, capsys):
     assert result["peer_skipped"] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 16.00 GiB"
     assert result["lmsys_tokens_per_s"] > 0 and "torch_tokens_per_s" not in result
     assert "torch peer skipped: failed: RuntimeError" in capsys.readouterr().out
+
+
+def test_a_run_killed_before_the_peer_keeps_lmsys_alone_figures(tmp_path, monkeypatch):
+    """--peer torch writes lmsys's solo block to --json before building the peer; the GPU
+    recipe's report shows it for a run whose process was killed (time limit) later."""
+    import importlib.util
+
+    pytest.importorskip("transformers")
+
+    def killed(*_):
+        raise SystemExit("killed while torch.compile ran")
+
+    monkeypatch.setattr(lmsys.bench.train, "_torch_side", killed)
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit):
+        lmsys.bench.train.main(TINY + ["--peer", "torch", "--peer-cpu", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["lmsys_solo_tokens_per_s"] > 0 and "lmsys_tokens_per_s" not in partial
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "mfu.py"
+    spec = importlib.util.spec_from_file_location("mfu_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    run = {"model": {"preset": "tiny"}, "batch": 2, "seq": 16, "remat": "none", "loss_chunk": 0}
+    achieved = partial["lmsys_solo_tokens_per_s"] * partial["flops_per_token"] / 1e12  # TFLOP/s
+    peaks = {"run": {}, "status": "ok", "result": {"device": "cpu", "matmul_tflops": achieved / 0.5,
+                                                   "datasheet_tflops": achieved / 0.25, "copy_gbs": 1.0}}
+    text = recipe.report({"peaks": peaks, "train_1b_full": {"run": run, "status": "timed out after 260 s",
+                                                            "seconds": 260.0, "result": partial}}, [])
+    row = next(line for line in text.splitlines() if line.startswith("| train_1b_full"))
+    assert "[lmsys alone, timed out after 260 s]" in row and f"{partial['lmsys_solo_tokens_per_s']:,.0f}" in row
+    assert "| 25.0% | 50.0% |" in row  # MFU against the datasheet, then against the measured peak

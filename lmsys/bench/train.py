@@ -23,7 +23,9 @@ On a GPU (issue 24: training MFU beside PyTorch):
 `--peer torch` times the same model in PyTorch + transformers instead of the hand-written JAX
 step (lmsys.bench.torch_peer says how it is set up), both sides on one chip in one process, on
 a batch of one document per row (SDPA takes no packed segment ids); JAX's allocator then grows
-on demand instead of taking 75% of the GPU first. `--peer none` times lmsys alone (on the same
+on demand instead of taking 75% of the GPU first; lmsys is first timed alone for one block
+(`lmsys_solo_*`, written to `--json` at once, so a peer that never finishes leaves lmsys's
+figures). `--peer none` times lmsys alone (on the same
 one-document rows, so its figures compare with a `--peer torch` run's). MFU is
 reported against the datasheet peak and, with `--measure-peak`, against a bf16 matmul timed on
 the same chip (lmsys.bench.peaks says which FLOPs count); peak memory per side where the
@@ -46,7 +48,7 @@ import jax
 import numpy as np
 
 from lmsys.bench import handwritten
-from lmsys.bench.peaks import check_positive, matmul_peak, mfu_figures, peak_memory, write_json
+from lmsys.bench.peaks import causal_flops_per_token, check_positive, matmul_peak, mfu_figures, peak_memory, write_json
 from lmsys.config import from_dict
 from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
@@ -165,11 +167,11 @@ def _handwritten_side(cfg, trainer, lm_state, batch, device):
                  time.perf_counter() - t0, 1)
 
 
-def _torch_side(cfg, lm_state, batch, args):
+def _torch_side(cfg, host_params, batch, args):
     from lmsys.bench.torch_peer import TorchPeer
 
     compile = {"auto": None, "on": True, "off": False}[args.torch_compile]
-    peer = TorchPeer(jax.device_get(lm_state["params"]), cfg, batch, compile)
+    peer = TorchPeer(host_params, cfg, batch, compile)
     t0 = time.perf_counter()
     loss = peer.step()
     peer.sync()
@@ -222,11 +224,7 @@ def main(argv=None) -> dict:
     peer = None
     if args.peer == "handwritten":
         peer = _handwritten_side(cfg, trainer, lm_state, batch, device)
-    elif args.peer == "torch" and not skipped:
-        try:  # a failing peer (e.g. out of memory, a torch.compile error) leaves lmsys's figures
-            peer = _torch_side(cfg, lm_state, batch, args)
-        except Exception as e:  # noqa: BLE001 - reported, and the run goes on without the peer
-            skipped = _peer_failed(e)
+    host_params = jax.device_get(lm_state["params"]) if args.peer == "torch" and not skipped else None
 
     def lm_step(s):  # s = (state, metrics)
         return trainer.step(s[0], lm_batch)
@@ -236,13 +234,27 @@ def main(argv=None) -> dict:
     lm_out = jax.block_until_ready(lm_step((lm_state, None)))
     lm = _Side("lmsys", lm_step, lm_out, jax.block_until_ready, float(lm_out[1]["loss"]),
                time.perf_counter() - t0, mesh.size)
-    sides = [lm] + ([peer] if peer else [])
+    tokens = cfg.batch_size * cfg.seq_len
     result = {"preset": args.preset, "set": args.set, "batch_size": cfg.batch_size,
               "seq_len": cfg.seq_len, "dtype": cfg.dtype, "remat": cfg.remat,
               "loss_chunk": cfg.loss_chunk, "attention_impl": m.attention_impl,
               "device": device.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-              "params": llama.count_params(m), "peer": args.peer, "peer_skipped": skipped,
-              "lmsys_loss": lm.loss}
+              "params": llama.count_params(m), "flops_per_token": llama.flops_per_token(m, cfg.seq_len),
+              "flops_per_token_causal": causal_flops_per_token(m, cfg.seq_len), "peer": args.peer,
+              "peer_skipped": skipped, "lmsys_loss": lm.loss, "lmsys_compile_s": lm.compile_s}
+    if host_params is not None:
+        # lmsys alone first, written at once: its figures survive a peer that never finishes
+        # (torch.compile of a deep model, out of memory) even when the process is killed
+        lm.state, _ = timed_block(lm.step, lm.state, max(args.warmup, 1))
+        lm.state, dt = timed_block(lm.step, lm.state, args.steps)
+        result.update(lmsys_solo_step_s=dt, lmsys_solo_tokens_per_s=tokens / dt, lmsys_solo_peak_bytes=peak_memory(device))
+        write_json(args.json, result)
+        try:  # a failing peer (e.g. out of memory, a torch.compile error) leaves lmsys's figures
+            peer = _torch_side(cfg, host_params, batch, args)
+        except Exception as e:  # noqa: BLE001 - reported, and the run goes on without the peer
+            skipped = result["peer_skipped"] = _peer_failed(e)
+        del host_params
+    sides = [lm] + ([peer] if peer else [])
     if peer:
         result[f"{peer.name}_loss"] = peer.loss
         result["loss_rel_diff"] = abs(lm.loss - peer.loss) / abs(peer.loss)
@@ -340,6 +352,9 @@ def _report(args, cfg, mesh, sides, result, measured_peak) -> None:
               "for lmsys; peak mem: JAX's peak bytes in use"
               + (" (lmsys and the hand-written step share it)" if peer and peer.name == "handwritten" else "")
               + (", torch.cuda.max_memory_allocated for torch" if peer and peer.name == "torch" else "")]
+    if "lmsys_solo_step_s" in result:
+        lines.append(f"lmsys alone, one block before the peer was built: {1e3 * result['lmsys_solo_step_s']:.2f} "
+                     f"ms/step, {result['lmsys_solo_tokens_per_s']:,.0f} tokens/s")
     if result["peer_skipped"]:
         lines.append(f"torch peer skipped: {result['peer_skipped']}")
     if peer:

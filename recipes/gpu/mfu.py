@@ -194,18 +194,28 @@ def report(results: dict, argv: list[str]) -> str:
         if not d:
             lines.append(f"| {name} | {r['remat']} / {r['loss_chunk']} | {e['status']} | | | | | | | | | |")
             continue
-        tps, step = d["lmsys_tokens_per_s"], d["lmsys_step_s"]
-        fpt = d["lmsys_model_tflops"] * 1e12 / tps  # FLOPs per token, from the bench
-        mfu_meas = tps * fpt / (measured * 1e12) if measured else d.get("lmsys_mfu_measured")
+        solo = "lmsys_tokens_per_s" not in d  # the run ended before the side-by-side blocks
+        tps = d["lmsys_solo_tokens_per_s" if solo else "lmsys_tokens_per_s"]
+        step = d["lmsys_solo_step_s" if solo else "lmsys_step_s"]
+        mem = d.get("lmsys_solo_peak_bytes" if solo else "lmsys_peak_bytes")
+        sheet = peaks.get("datasheet_tflops") or d.get("lmsys_datasheet_peak_tflops")
+        measured_here = measured or d.get("lmsys_measured_peak_tflops")
+
+        def mfu(fpt, peak):
+            return tps * fpt / (peak * 1e12) if peak else None
+
         p = e.get("plan", {})
         torch_tps = d.get("torch_tokens_per_s")
+        torch_col = (_f(torch_tps, ",.0f") if torch_tps else d.get("peer_skipped")
+                     or (e["status"] if d["peer"] == "torch" else "not run"))
         lines.append(
-            f"| {name} ({d['preset']} {' '.join(d['set'])}, {d['batch_size']}x{d['seq_len']}) "
-            f"| {r['remat']} / {r['loss_chunk']} | {tps:,.0f} | {_f(d['lmsys_mfu_datasheet'], '.1%')} "
-            f"| {_f(mfu_meas, '.1%')} | {_f(d['lmsys_mfu_datasheet_causal'], '.1%')} "
-            f"| {_f(d['lmsys_peak_bytes'], '.1f', 1e-9)} GB "
-            f"| {_f(torch_tps, ',.0f') if torch_tps else d.get('peer_skipped') or 'not run'} "
-            f"| {_f(d.get('tokens_per_s_ratio'), '.2f')} | {_f(d.get('torch_peak_bytes'), '.1f', 1e-9)} GB "
+            f"| {name} ({d['preset']} {' '.join(d['set'])}, {d['batch_size']}x{d['seq_len']})"
+            f"{' [lmsys alone, ' + e['status'] + ']' if solo else ''} "
+            f"| {r['remat']} / {r['loss_chunk']} | {tps:,.0f} | {_f(mfu(d['flops_per_token'], sheet), '.1%')} "
+            f"| {_f(mfu(d['flops_per_token'], measured_here), '.1%')} "
+            f"| {_f(mfu(d['flops_per_token_causal'], sheet), '.1%')} | {_f(mem, '.1f', 1e-9)} GB "
+            f"| {torch_col} | {_f(d.get('tokens_per_s_ratio'), '.2f')} "
+            f"| {_f(d.get('torch_peak_bytes'), '.1f', 1e-9)} GB "
             f"| {_f(p.get('step_s'), '.1f', 1e3)} ms / {1e3 * step:.1f} ms "
             f"({_f(p['step_s'] / step if p else None, '.2f')}x) | {_f(p.get('memory_bytes'), '.1f', 1e-9)} GB |")
     dec = results.get("decode_1b", {})
