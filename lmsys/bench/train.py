@@ -126,10 +126,15 @@ def timed_block(step, state, n: int, sync=jax.block_until_ready):
 def _no_preallocation() -> None:
     """JAX takes 75% of a GPU at its first computation unless told not to; beside torch in one
     process it must grow on demand instead (XLA reads this once, when its backend starts)."""
+    if "XLA_PYTHON_CLIENT_PREALLOCATE" in os.environ:
+        return
     from jax._src import xla_bridge
 
-    if "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ and not xla_bridge.backends_are_initialized():
+    if not getattr(xla_bridge, "backends_are_initialized", lambda: True)():
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    elif jax.default_backend() == "gpu":
+        print("note: JAX started before --peer torch could stop it preallocating 75% of the GPU; "
+              "set XLA_PYTHON_CLIENT_PREALLOCATE=false", flush=True)
 
 
 class _Side:
