@@ -154,3 +154,31 @@ def test_a_run_killed_before_the_peer_keeps_lmsys_alone_figures(tmp_path, monkey
     row = next(line for line in text.splitlines() if line.startswith("| train_1b_full"))
     assert "[lmsys alone, timed out after 260 s]" in row and f"{partial['lmsys_solo_tokens_per_s']:,.0f}" in row
     assert "| 25.0% | 50.0% |" in row  # MFU against the datasheet, then against the measured peak
+
+
+def test_gpu_recipe_configs_are_valid_and_fit_by_the_plan(tmp_path, monkeypatch):
+    """The GPU runs' arguments (never run here) parse, build valid configs that match the
+    recipe's own record of them, and fit one H200 by `lmsys plan`."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "gpu" / "mfu.py"
+    spec = importlib.util.spec_from_file_location("mfu_recipe", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    runs = recipe.runs(False, tmp_path)
+    assert [r["name"] for r in runs] == ["peaks", "train_1b_full", "decode_1b", "train_8b_cut", "train_1b_selective"]
+    results = {"peaks": {"run": runs[0], "result": {"device": "NVIDIA H200"}}}
+    for r in runs:
+        if r["argv"][0] != "lmsys.bench.train":
+            continue
+        cfg = lmsys.bench.train.build_config(lmsys.bench.train.parse_args(r["argv"][1:]))
+        assert (cfg.batch_size, cfg.seq_len, cfg.remat, cfg.loss_chunk, cfg.dtype) == (
+            r["batch"], r["seq"], r["remat"], r["loss_chunk"], "bfloat16")
+        assert cfg.model.n_layers == r["model"].get("n_layers", cfg.model.n_layers)
+        results[r["name"]] = {"run": r}
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # plan() sets it for the recipe's own process
+    recipe.plan(results)
+    for name in ("train_1b_full", "train_8b_cut", "train_1b_selective"):
+        p = results[name]["plan"]
+        # half the GPU at most: the torch peer shares it in the same process
+        assert p["hardware"] == "NVIDIA H200 SXM" and p["fits"] and p["memory_bytes"] < 70e9, (name, p)

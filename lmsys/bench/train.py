@@ -123,6 +123,16 @@ def timed_block(step, state, n: int, sync=jax.block_until_ready):
     return state, (time.perf_counter() - t0) / n
 
 
+def build_config(args):
+    """The run's lmsys config (validated: a bad --set fails here, naming the key)."""
+    mesh_overrides = ([f"mesh.{kv.strip()}" for kv in args.mesh.split(",")] if args.mesh
+                      else ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
+    total_steps = 1 + args.warmup + args.repeats * args.steps + 2 * args.steps  # + solo and profile blocks
+    return from_dict({"model": {"preset": args.preset}, "batch_size": args.batch_size,
+                      "seq_len": args.seq_len, "dtype": args.dtype, "remat": args.remat,
+                      "steps": total_steps}, mesh_overrides + args.set)
+
+
 def _no_preallocation() -> None:
     """JAX takes 75% of a GPU at its first computation unless told not to; beside torch in one
     process it must grow on demand instead (XLA reads this once, when its backend starts)."""
@@ -209,12 +219,7 @@ def main(argv=None) -> dict:
         skipped = unavailable(args.peer_cpu)
         if skipped:
             print(f"torch peer skipped: {skipped}", flush=True)
-    mesh_overrides = ([f"mesh.{kv.strip()}" for kv in args.mesh.split(",")] if args.mesh
-                      else ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"])
-    total_steps = 1 + args.warmup + args.repeats * args.steps
-    cfg = from_dict({"model": {"preset": args.preset}, "batch_size": args.batch_size,
-                     "seq_len": args.seq_len, "dtype": args.dtype, "remat": args.remat,
-                     "steps": total_steps}, mesh_overrides + args.set)
+    cfg = build_config(args)
     mesh = build_mesh(cfg.mesh, None if args.mesh else jax.devices()[:1])
     trainer = Trainer(cfg, Rules(mesh))
     device = jax.devices()[0]
