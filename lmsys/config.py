@@ -205,6 +205,17 @@ class DpoConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A JAX profiler trace of a few training steps (lmsys.train.profile), for TensorBoard's
+    profile plugin or Perfetto: steps start_step .. start_step + steps - 1 (as numbered in
+    metrics.jsonl), each waited for before the trace stops."""
+
+    steps: int = 0  # steps to trace; 0 = no trace
+    start_step: int = 3  # the first traced step (the first steps warm up caches and allocators)
+    dir: str = ""  # a local directory; "" = <run_dir>/profile (with several processes: process_<i>/ in it)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -217,6 +228,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
     seq_len: int = 256
@@ -350,7 +362,7 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
     from lmsys.config_checks import (check_dpo, check_family, check_lora, check_moe, check_pipeline,
-                                     check_sequence, check_tensor)
+                                     check_profile, check_sequence, check_tensor)
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -442,6 +454,7 @@ def validate(cfg: Config) -> None:
     check_eval(cfg)
     check_lora(cfg)
     check_dpo(cfg)
+    check_profile(cfg)
 
 
 def check_eval(cfg: Config) -> None:

@@ -167,3 +167,18 @@ def check_family(cfg: Config) -> None:
               "must be > 0 with model.shared_expert_gate or model.shared_d_ff")
     check_key(not (m.final_soft_cap and cfg.loss_chunk), "loss_chunk", cfg.loss_chunk,
               "must be 0 with model.final_soft_cap (the chunked loss has no output soft cap)")
+
+
+def check_profile(cfg: Config) -> None:
+    """The profile.* keys: a trace window inside the run, written to a local directory."""
+    p = cfg.profile
+    check_key(p.steps >= 0, "profile.steps", p.steps, "must be >= 0 (0 = no trace)")
+    check_key(p.start_step >= 1, "profile.start_step", p.start_step, "must be >= 1 (steps count from 1)")
+    if p.steps:
+        check_key(p.start_step + p.steps - 1 <= cfg.steps, "profile.start_step", p.start_step,
+                  f"traces steps {p.start_step}..{p.start_step + p.steps - 1}, past the run's last "
+                  f"step ({cfg.steps}); lower profile.start_step or profile.steps")
+        where = p.dir or cfg.run_dir
+        check_key("://" not in where, "profile.dir", p.dir,
+                  f"the JAX profiler writes to a local directory and {where!r} is a URL; set "
+                  f"profile.dir=/a/local/dir")

@@ -26,6 +26,7 @@ from lmsys.models import llama
 from lmsys.parallel import Rules, build_mesh
 from lmsys.parallel.distributed import initialize as initialize_distributed
 from lmsys.train.metrics import MetricsWriter, mfu, peak_flops
+from lmsys.train.profile import StepProfiler
 from lmsys.train.run_dir import RunDirLock, provenance, resume, save_tokenizer, tokenizer_spec
 from lmsys.train.adapters import has_frozen
 from lmsys.train.dpo import METRICS as DPO_METRICS
@@ -273,14 +274,17 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     history = []
+    profiler = StepProfiler(cfg)
     t_last, steps_since = time.perf_counter(), 0
     try:
         with _StopSignals() as signals:
             while step < last:
                 local = dataset.batch(data_index, cfg.batch_size, jax.process_index(), jax.process_count())
+                profiler.before_step(step + 1, state)
                 state, metrics = step_fn(state, global_batch(local, trainer.batch_sharding, cfg.batch_size))
                 data_index += cfg.batch_size
                 step += 1
+                profiler.after_step(step, (state, metrics))
                 fault_point("after_step", step)
                 steps_since += 1
                 stopping = signals.received is not None
@@ -335,13 +339,14 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
                     break
     except BaseException:
         # close what is open without letting a second error (e.g. the same full disk) hide this one
-        for close in (ckpt.close, bar and bar.close, writer and writer.close, tracker and tracker.close):
+        for close in (profiler.close, ckpt.close, bar and bar.close, writer and writer.close, tracker and tracker.close):
             if close:
                 try:
                     close()
                 except Exception:
                     pass
         raise
+    profiler.close()
     ckpt.close()
     for closer in (bar, writer, tracker):
         if closer:
