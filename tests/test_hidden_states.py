@@ -158,7 +158,7 @@ def engine_decode_rows(engine):
     (B, P), = engine.decode_buckets
     z = np.zeros(B, np.int32)
     sampling = SamplingParams(np.zeros(B, np.float32), z, np.ones(B, np.float32), np.zeros(B, np.uint32), z)
-    return z, z - 1, np.zeros((B, P), np.int32), sampling, np.zeros(B, bool), all_allowed(B, V)
+    return z, z - 1, np.zeros((B, P), np.int32), sampling, np.zeros(B, bool), all_allowed(B, V), z  # z: LoRA slots
 
 
 def test_http_hidden_states_and_serving_programs_unchanged(hf, engine):

@@ -132,7 +132,8 @@ def verify_output(logits_BTV, drafts_BK, num_drafts_B, sampling, logprobs_B, num
     a_B, tokens_BT = accept_drafts(logits_BTV, drafts_BK, num_drafts_B, sampling)
 
     def logprobs(_):
-        return next_token_logprobs(logits_BTV, tokens_BT, num_top)
+        lp_BT, _greedy, top_tokens_BTK, top_logprobs_BTK = next_token_logprobs(logits_BTV, tokens_BT, num_top)
+        return lp_BT, top_tokens_BTK, top_logprobs_BTK
 
     def skip(_):
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(logprobs, None))
