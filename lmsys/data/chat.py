@@ -38,7 +38,7 @@ from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cach
 from lmsys.data.corpus import source_files, source_fingerprint
 from lmsys.data.packing import RowDataset, Sample, _token_dtype
 from lmsys.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, token_text
-from lmsys.data.tokenizer import BOS_CANDIDATES, EOS_CANDIDATES, first_token_id, pad_id
+from lmsys.data.tokenizer import BOS_CANDIDATES, EOS_CANDIDATES, fill_id, first_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -240,10 +240,7 @@ class ChatDataset(RowDataset):
         self._tokens, self._labels, self._conv_starts = tokens, labels, conv_starts
         self._ends = np.append(conv_starts[1:], len(tokens))
         self._tokenizer, self._seq_len = tokenizer, seq_len
-        try:
-            self._pad = pad_id(tokenizer)
-        except ValueError:
-            self._pad = 0
+        self._pad = fill_id(tokenizer)
         self._row_starts = _pack_rows(conv_starts, len(tokens), seq_len)
         self._source, self._sha256 = source, sha256
         self._start_sampling(seed, shuffle)

@@ -28,7 +28,7 @@ from lmsys.data.cache import atomic_save_npy, atomic_write_text, cache_key, cach
 from lmsys.data.chat import ChatRenderer, _special_tokens, iter_jsonl, tokenize_conversations
 from lmsys.data.corpus import source_fingerprint
 from lmsys.data.packing import RowDataset, Sample, _grain_seed
-from lmsys.data.tokenizer import pad_id
+from lmsys.data.tokenizer import fill_id
 
 
 def _messages(value, key: str, where: str) -> list[dict]:
@@ -84,10 +84,7 @@ class PreferenceDataset(RowDataset):
         self._prompt_ends = prompt_ends
         self._ends = np.append(starts[1:], len(tokens))
         self._tokenizer, self._seq_len = tokenizer, seq_len
-        try:
-            self._pad = pad_id(tokenizer)
-        except ValueError:
-            self._pad = 0
+        self._pad = fill_id(tokenizer)
         self._source, self._sha256 = source, sha256
         pairs = grain.MapDataset.range(self.num_pairs)
         if shuffle:

@@ -156,3 +156,12 @@ def pad_id(tokenizer: Tokenizer) -> int:
     """The padding token id (<|pad|>, <pad> or [PAD]), else the end-of-text id."""
     token_id = first_token_id(tokenizer, PAD_CANDIDATES)
     return eos_id(tokenizer) if token_id is None else token_id
+
+
+def fill_id(tokenizer: Tokenizer) -> int:
+    """The id of a row's loss-masked filler positions: `pad_id`, or 0 for a tokenizer with
+    neither a padding nor an end-of-text token."""
+    try:
+        return pad_id(tokenizer)
+    except ValueError:
+        return 0

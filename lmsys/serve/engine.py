@@ -130,10 +130,7 @@ class Engine:
             num_pages, D, max_slots=c.max_slots, page_size=c.page_size, max_seq_len=c.max_seq_len,
             prefill_chunk=c.prefill_chunk, prefill_tokens=c.prefill_tokens,
             batch_invariant=c.batch_invariant, fine_widths=c.fine_prefill_widths,
-            shard_axes=self.shard_axes, window=recycling_window(model),
-            # pages freed before a window and pages shared by the prefix cache do not mix: a
-            # model whose every layer is windowed serves without the prefix cache
-            prefix_cache=c.prefix_cache and not recycling_window(model))
+            shard_axes=self.shard_axes, window=recycling_window(model), prefix_cache=c.prefix_cache)
         self.num_pages = num_pages
 
         if rules is not None:

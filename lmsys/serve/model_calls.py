@@ -74,17 +74,14 @@ class ModelCalls:
         tokens_BC, positions_BC, targets_BC, echo_B, page_table_BP, adapter_B = rows
         x_BCD, kv = self.forward(params, kv, tokens_BC, positions_BC, page_table_BP, rules, adapter_B)
 
-        def echo(x_BCD, num_top=MAX_TOP_LOGPROBS):
-            lp, greedy, top_ids, top_lps = next_token_logprobs(
-                self.logits(params, x_BCD, rules), targets_BC, num_top)
-            if num_top == 0:  # the same shapes as with alternatives, zeros
-                top_ids, top_lps = zeros(jax.eval_shape(echo, x_BCD)[2:])
-            return lp, greedy, top_ids, top_lps
+        def echo(x_BCD, num_top=MAX_TOP_LOGPROBS):  # (log-prob, greedy, top ids, top log-probs)
+            return next_token_logprobs(self.logits(params, x_BCD, rules), targets_BC, num_top)
 
         def zeros(shapes):
-            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return tuple(jnp.zeros(a.shape, a.dtype) for a in shapes)
 
-        branches = [lambda x: zeros(jax.eval_shape(echo, x)), lambda x: echo(x, 0), echo]
+        full = jax.eval_shape(echo, x_BCD)  # every branch returns these shapes
+        branches = [lambda x: zeros(full), lambda x: echo(x, 0)[:2] + zeros(full[2:]), echo]
         return jax.lax.switch(jnp.max(echo_B), branches, x_BCD), kv
 
     def decode(self, params, kv, rows, rules):
@@ -98,14 +95,19 @@ class ModelCalls:
         logits_BV = masked_logits(self.logits(params, x_B1D, rules)[:, 0], allowed_BW)
         return sample(logits_BV, sampling, MAX_TOP_LOGPROBS, logprobs_B), kv
 
+    def uncached(self, params, tokens_BT, rules, capture: tuple[str, ...] = ()):
+        """The base model's final-normed hidden states [B, T, D] and aux of whole sequences
+        (positions 0..T-1) without KV pages: the prefill path of embeddings and activations. A
+        LoRA bank in `params` is applied as slot 0 (no adapter)."""
+        positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+        params = with_rows(params, jnp.zeros(tokens_BT.shape[0], jnp.int32))
+        return llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
+                             dtype=self.dtype, logits=False, capture=capture)
+
     def activations(self, params, tokens_BT, rules, *, capture: tuple[str, ...]):
         """The per-layer activations `capture` names (llama.forward's `capture`), each [layers,
         B, T, D] in float32, over the prefill path without KV pages (nor output projection)."""
-        T = tokens_BT.shape[1]
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
-        params = with_rows(params, jnp.zeros(tokens_BT.shape[0], jnp.int32))  # a LoRA bank: the base
-        _, aux = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
-                               dtype=self.dtype, logits=False, capture=capture)
+        _, aux = self.uncached(params, tokens_BT, rules, capture=capture)
         return {k: v.astype(jnp.float32) for k, v in aux["captured"].items()}
 
     def embed(self, params, tokens_BT, lengths_B, rules, *, pooling: str):
@@ -113,11 +115,7 @@ class ModelCalls:
         pages: causal attention within each row, so right padding never reaches a real token):
         the mean over each row's first `lengths_B` tokens, or its last token's (`pooling`)."""
         T = tokens_BT.shape[1]
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
-        params = with_rows(params, jnp.zeros(tokens_BT.shape[0], jnp.int32))  # a LoRA bank: the base
-        x_BTD, _ = llama.forward(params, tokens_BT, positions_BT, cfg=self.model, rules=rules,
-                                 dtype=self.dtype, logits=False)
-        x_BTD = x_BTD.astype(jnp.float32)
+        x_BTD = self.uncached(params, tokens_BT, rules)[0].astype(jnp.float32)
         if pooling == "mean":
             valid_BT = jnp.arange(T)[None, :] < lengths_B[:, None]
             return jnp.sum(jnp.where(valid_BT[..., None], x_BTD, 0), axis=1) / lengths_B[:, None]

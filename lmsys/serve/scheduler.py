@@ -207,6 +207,9 @@ class Scheduler:
             raise ValueError(f"max_seq_len {max_seq_len} must be a multiple of page_size {page_size}")
         self.page_size, self.max_seq_len, self.prefill_chunk = page_size, max_seq_len, prefill_chunk
         self.window = window  # > 0: pages before every request's window are recycled
+        # pages freed behind a window and pages shared by the prefix cache do not mix: a model
+        # whose every layer is windowed is served without the prefix cache
+        prefix_cache = prefix_cache and not window
         self.pages_per_seq = max_seq_len // page_size
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
