@@ -486,3 +486,33 @@ def test_first_prefill_chunks_attend_over_their_own_keys(setup):
                                    rtol=1e-5, atol=1e-6)
         for a, b in zip(got_kv, want_kv):
             np.testing.assert_array_equal(a, b)
+
+
+def test_set_params_serves_new_weights_without_recompiling(setup):
+    """An RL update or a registry swap hands the engine new weights from another placement (a
+    training mesh): the engine serves them exactly as an engine built on them, compiles nothing,
+    and never reuses prefix pages computed by the old weights."""
+    cfg, params, tok, _ = setup
+    new = llama.init(jax.random.key(1), cfg)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+    on_trainer = jax.tree.map(  # the embedding split over 8 devices, the rest replicated
+        lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            "fsdp" if x.shape[0] % 8 == 0 else None))), new)
+    prompts = _prompts(3, 5, 17, 30)
+    opts = GenerationOptions(max_tokens=6, logprobs=0)
+    out = lambda reqs: [(r.generated, np.round(r.token_logprobs, 5).tolist()) for r in reqs]  # noqa: E731
+    engine = _engine(setup, max_slots=4, max_seq_len=48)
+    before = out(engine.generate(prompts, opts))
+    hits = engine.stats["prefix_cache_hit_tokens"]
+    with _after_warmup(engine):
+        engine.set_params(on_trainer)
+        after = out(engine.generate(prompts, opts))
+    assert engine.stats["prefix_cache_hit_tokens"] == hits  # the old weights' pages: not reused
+    want = out(_engine(setup, max_slots=4, max_seq_len=48).generate(prompts, opts))
+    assert before == want  # the reference engine is built on the old params ...
+    fresh = Engine(new, cfg, tok, EngineConfig(max_slots=4, page_size=8, max_seq_len=48, prefill_chunk=16))
+    assert after == out(fresh.generate(prompts, opts)) != before  # ... this one on the new
+    bad = jax.tree.map(lambda x: x, new)
+    bad["embed"] = bad["embed"][:, :8]
+    with pytest.raises(ValueError, match=r"\['embed'\] is float32\[512, 8\]"):
+        engine.set_params(bad)

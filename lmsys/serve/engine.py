@@ -143,6 +143,7 @@ class Engine:
             params = jax.jit(quantize_params, static_argnums=1)(params, c.quantize)
         self.adapters = adapters
         self._adapter_versions: dict[str, int] = {}  # bumped by set_adapter: the prefix cache's salt
+        self.weights_version = 0  # bumped by set_params: part of every request's cache salt
         if adapters is not None:  # the bank beside the base weights (lmsys.serve.lora)
             params = lora.with_adapters(params, adapters.device_arrays(rules, self.dtype))
         self.params = params
@@ -246,10 +247,11 @@ class Engine:
         if options.adapter and (self.adapters is None or options.adapter not in self.adapters.names):
             raise RequestError(f"the LoRA adapter {options.adapter!r} is not loaded; loaded: "
                                f"{sorted(self.adapters.names) if self.adapters else 'none'}")
-        if options.adapter:  # cached KV pages are shared only within one adapter's version
-            version = self._adapter_versions.get(options.adapter, 0)
-            options = dataclasses.replace(
-                options, cache_salt=f"lora:{options.adapter}:{version}\0{options.cache_salt}")
+        # cached KV pages are shared only within one version of the weights and the adapter
+        salt = f"weights:{self.weights_version}\0{options.cache_salt}"
+        if options.adapter:
+            salt = f"lora:{options.adapter}:{self._adapter_versions.get(options.adapter, 0)}\0{salt}"
+        options = dataclasses.replace(options, cache_salt=salt)
         self.scheduler.check_fits(len(prompt_ids), options.max_tokens)
         stop_ids = set(options.stop_token_ids)
         if self.eos_token_id is not None and (not options.ignore_eos or options.grammar is not None):
@@ -392,6 +394,30 @@ class Engine:
         with self.lock:
             self.params = self.adapters.set_adapter(self.params, name, adapters, self.rules)
             self._adapter_versions[name] = self._adapter_versions.get(name, 0) + 1
+
+    def set_params(self, params) -> None:
+        """Serves new base weights of the same model (e.g. the trainer's after an RL update),
+        resharded on device onto the engine's placement (quantized as the engine's are), between
+        steps; the KV pool, the adapter bank and every compiled shape stay (no recompilation).
+        Requests in flight go on over KV written by the old weights: call it between
+        generations, or once they finish. Cached prefix pages of the old weights are never
+        reused (the weights' version is in every request's cache salt)."""
+        if self.cfg.quantize != "none":
+            from lmsys.serve.quantize import quantize_params
+
+            params = jax.jit(quantize_params, static_argnums=1)(params, self.cfg.quantize)
+        old = lora.with_adapters(self.params, None)
+        params = lora.with_adapters(params, None)
+        if jax.tree.structure(params) != jax.tree.structure(old):
+            raise ValueError("set_params: the new weights' tree differs from the served model's")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(old)):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"set_params: {jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, "
+                                 f"the served model's is {b.dtype}{list(b.shape)}")
+        params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, old))
+        with self.lock:
+            self.params = lora.with_adapters(params, lora.adapters_of(self.params))
+            self.weights_version += 1
 
     def _isolated(self, req: Request, fn, *args) -> None:
         """Runs one request's host-side work (its stop strings, detokenizing, its callback); if
