@@ -65,12 +65,15 @@ def subprocess_env(devices: int = 0, drop: tuple[str, ...] = ()) -> dict[str, st
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "XLA_FLAGS": " ".join(flags)}
 
 
-def tiny_served_model(root, vocab: int = 512):
+def tiny_served_model(root, vocab: int = 512, specials: tuple[str, ...] = ()):
     """(model config, params on the first device, builtin tokenizer trained on `write_corpus`
-    under `root`): the random tiny model the serving tests share."""
+    under `root`, with `specials` added as special tokens): the random tiny model the serving
+    tests share."""
     from lmsys.data import load_tokenizer
     from lmsys.models import llama
 
     tok = load_tokenizer("builtin", vocab, source=write_corpus(root / "corpus"), cache_dir=str(root))
+    tok.add_special_tokens(list(specials))
+    assert tok.get_vocab_size() <= vocab, "the specials do not fit the model's vocabulary"
     cfg = tiny_config(model={"vocab_size": vocab}).model
     return cfg, jax.device_put(llama.init(jax.random.key(0), cfg), jax.devices()[0]), tok

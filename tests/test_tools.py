@@ -5,6 +5,7 @@ conversation with an assistant tool call and a `tool` result renders exactly as 
 apply_chat_template renders it; the Hermes and Llama-3 output parsers and the streaming holder."""
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -15,7 +16,7 @@ from lmsys.data import eos_id
 from lmsys.serve.api import ChatBody
 from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.server import BackgroundServer, create_app
-from lmsys.serve.tools import ToolStream, parse
+from lmsys.serve.tools import Format, ToolStream, parse
 
 pytest.importorskip("llguidance")
 transformers = pytest.importorskip("transformers")
@@ -85,24 +86,51 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "Weather in Oslo, and the time?"}]
+# a conversation with an assistant's tool call and its result (OpenAI's JSON-string arguments)
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": '{"city": "Oslo", "unit": "celsius"}'}}
+CONVERSATION = [{"role": "system", "content": "Be brief."}, *ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
+
+
+def serve(root, template: str, specials: tuple[str, ...] = ()):
+    """(app, `openai` client, tokenizer, server) of the tiny model served with `template`."""
+    cfg, params, tok = tiny_served_model(root, specials=specials)
+    engine = Engine(params, cfg, tok, EngineConfig(max_slots=8, page_size=32, max_seq_len=1280, prefill_chunk=256,
+                                                   batch_invariant=True), eos_token_id=eos_id(tok))
+    app = create_app(engine, "tiny", tok, chat_template=template)
+    background = BackgroundServer(app)
+    return app, OpenAI(base_url=f"{background.url}/v1", api_key="none", max_retries=0, timeout=120), tok, background
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    cfg, params, tok = tiny_served_model(tmp_path_factory.mktemp("tools"))
-    engine = Engine(params, cfg, tok, EngineConfig(max_slots=8, page_size=32, max_seq_len=1280, prefill_chunk=256,
-                                                   batch_invariant=True), eos_token_id=eos_id(tok))
-    app = create_app(engine, "tiny", tok, chat_template=QWEN25_TEMPLATE)
-    background = BackgroundServer(app)
-    yield app, OpenAI(base_url=f"{background.url}/v1", api_key="none", max_retries=0, timeout=120), tok
+    *served, background = serve(tmp_path_factory.mktemp("tools"), QWEN25_TEMPLATE)
+    yield served
     background.stop()
 
 
-def _check_calls(calls, names):
+def check_calls(calls, names, ids=r"call_[0-9a-f]{24}"):
+    """The calls are of `names`, with ids matching `ids` and arguments valid for their schema."""
     assert calls
     for call in calls:
-        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        assert call.type == "function" and re.fullmatch(ids, call.id) and call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def streamed_calls(stream) -> tuple[dict, dict, str]:
+    """(tool-call deltas by choice, finish_reason by choice, all content) of a streamed response."""
+    calls, finish, content = {}, {}, ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                calls.setdefault(choice.index, []).append(delta)
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    for deltas in calls.values():
+        assert [d.index for d in deltas] == list(range(len(deltas)))
+    return calls, finish, content
 
 
 def test_required_and_named_tool_choice_give_valid_calls(served):
@@ -111,36 +139,25 @@ def test_required_and_named_tool_choice_give_valid_calls(served):
                                        temperature=1.0, seed=0, max_tokens=200)
     for choice in r.choices:
         assert choice.finish_reason == "tool_calls"
-        _check_calls(choice.message.tool_calls, SCHEMAS)
+        check_calls(choice.message.tool_calls, SCHEMAS)
     named = client.chat.completions.create(
         model="tiny", messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}},
         parallel_tool_calls=False, n=2, temperature=1.0, seed=1, max_tokens=200)
     for choice in named.choices:
         assert len(choice.message.tool_calls) == 1
-        _check_calls(choice.message.tool_calls, {"get_time"})
+        check_calls(choice.message.tool_calls, {"get_time"})
 
     stream = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", n=2,
                                             temperature=1.0, seed=2, max_tokens=200, stream=True)
-    calls, finish = {}, {}
-    for chunk in stream:
-        for choice in chunk.choices:
-            for delta in choice.delta.tool_calls or []:
-                calls.setdefault(choice.index, []).append(delta)
-            if choice.finish_reason:
-                finish[choice.index] = choice.finish_reason
+    calls, finish, _ = streamed_calls(stream)
     assert finish == {0: "tool_calls", 1: "tool_calls"}
     for deltas in calls.values():
-        assert [d.index for d in deltas] == list(range(len(deltas)))
-        _check_calls(deltas, SCHEMAS)
+        check_calls(deltas, SCHEMAS)
 
 
 def test_tool_conversation_renders_as_transformers(served):
     app, client, tok = served
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                             "arguments": '{"city": "Oslo", "unit": "celsius"}'}}
-    messages = [{"role": "system", "content": "Be brief."}, *ASK,
-                {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
+    call, messages = CALL, CONVERSATION
     body = ChatBody.model_validate({"messages": messages, "tools": TOOLS, "max_tokens": 4})
     items, _ = app.state.server._chat_items(body)
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=QWEN25_TEMPLATE)
@@ -166,16 +183,16 @@ def test_tool_choice_errors(served):
 
 def test_parsers_and_streaming_holder():
     two = 'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b", "arguments": {}}</tool_call>'
-    content, calls = parse(two, "hermes")
+    content, calls = parse(two, Format("hermes"))
     assert content == "Sure." and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("a", {"x": 1}), ("b", {})]
-    assert parse("<tool_call>{not json}</tool_call>", "hermes") == ("<tool_call>{not json}</tool_call>", [])
-    content, calls = parse('<|python_tag|>{"name": "f", "parameters": {"q": "x"}}', "llama3")
+    assert parse("<tool_call>{not json}</tool_call>", Format("hermes")) == ("<tool_call>{not json}</tool_call>", [])
+    content, calls = parse('<|python_tag|>{"name": "f", "parameters": {"q": "x"}}', Format("llama3"))
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"q": "x"}
-    assert parse("plain {text}", "llama3") == ("plain {text}", [])
-    ts = ToolStream("hermes")
+    assert parse("plain {text}", Format("llama3")) == ("plain {text}", [])
+    ts = ToolStream(Format("hermes"))
     sent = "".join(ts.feed(ch) for ch in two)
     rest, deltas = ts.finish()
     assert sent + rest == "Sure." and [d["index"] for d in deltas] == [0, 1]
-    ts = ToolStream("hermes")
+    ts = ToolStream(Format("hermes"))
     assert "".join(ts.feed(ch) for ch in "a <tool b") + ts.finish()[0] == "a <tool b"

@@ -257,7 +257,7 @@ class Engine:
         if self.eos_token_id is not None and (not options.ignore_eos or options.grammar is not None):
             stop_ids.add(self.eos_token_id)  # a grammar's end is the end-of-text token
         return Request(next(self._ids), prompt_ids, options, on_event,
-                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, options.skip_special_tokens),
                        stops=StopChecker(options.stop, stop_ids),
                        matcher=None if options.grammar is None else self.grammar_state(options.grammar))
 

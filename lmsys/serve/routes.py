@@ -199,7 +199,7 @@ class Routes:
         self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
         self.activations = activations.Activations(engine)
-        self.tool_style = tools.style(chat_template or DEFAULT_CHAT_TEMPLATE)
+        self.tool_style = tools.style(chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer)
         self.chat = ChatTemplate.for_model(chat_template, tokenizer, engine.eos_token_id)
 
     # -------------------------------------------------------------- shared pieces
@@ -399,7 +399,8 @@ class Routes:
             r = c.req
             lp = (self.chat_logprobs(r.generated[:len(r.token_logprobs)], r.token_logprobs, r.top_logprobs)
                   if body.logprobs else None)
-            message, finish = ((tools.answer(r.text, r.finish_reason, self.tool_style)) if tools.chosen_tools(body)
+            message, finish = ((tools.answer(r.text, r.finish_reason, self.tool_style, r.generated))
+                               if tools.chosen_tools(body)
                                else ({"role": "assistant", "content": r.text}, r.finish_reason))
             choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
         return {**head, "choices": choices, "usage": run.usage([len(ids)])}
@@ -429,7 +430,7 @@ class Routes:
             raise APIError(400, "tool_choice required or a function constrains the output already; "
                                 "drop response_format / guided_*", param="tool_choice")
         try:
-            prompt = self.chat.render(tools.template_messages(messages), tools=chosen)
+            prompt = self.chat.render(tools.template_messages(messages, self.tool_style), tools=chosen)
         except ChatTemplateError as e:
             raise APIError(400, e.message, param="messages") from e
         ids = self.engine.encode(prompt)
@@ -437,7 +438,9 @@ class Routes:
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs, grammar=grammar))
+        keep = bool(chosen) and self.tool_style.keeps_special_tokens  # the call marker is a special token
+        items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs, grammar=grammar,
+                                            skip_special_tokens=not keep))
                  for seed in self.seeds(body)]
         return items, ids
 
@@ -450,7 +453,8 @@ class Routes:
         streams = {}  # choice index -> tools.ToolStream
         async for c, ev in run.events():
             if with_tools:  # content until a tool call may start, the calls whole at the end
-                for delta, finish in tools.stream_deltas(streams, c.index, self.tool_style, ev.text, ev.finish_reason):
+                for delta, finish in tools.stream_deltas(streams, c.index, self.tool_style, ev.text, ev.token_ids,
+                                                         ev.finish_reason):
                     yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
                                                 "finish_reason": finish}], **extra}
                 continue

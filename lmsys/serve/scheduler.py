@@ -92,6 +92,7 @@ class GenerationOptions:
     logprobs: int | None = None  # top alternatives per generated token (0..5); None = no logprobs
     prompt_logprobs: int | None = None  # the same for prompt tokens (OpenAI `echo`)
     grammar: str | None = None  # structured output (lmsys.serve.constrained); None = free
+    skip_special_tokens: bool = True  # False: the text keeps special tokens (Mistral's tool calls)
     adapter: str = ""  # the LoRA adapter (lmsys.serve.lora) the request runs with; "" = the base
     # prefix caching: requests share cached KV pages only with the same salt (set it to the
     # model/adapter version, or per user to keep their caches apart)
