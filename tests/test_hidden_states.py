@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from lmsys.interop import load_hf
 from lmsys.models import llama
-from lmsys.serve.api import Limits
+from lmsys.serve.api import ChatBody, Limits
 from lmsys.serve.constrained import all_allowed
 from lmsys.serve.embeddings import Embedder
 from lmsys.serve.engine import Engine, EngineConfig
@@ -205,3 +205,29 @@ def test_http_hidden_states_and_serving_programs_unchanged(hf, engine):
     names = {m.split("Compiling ")[1].split()[0] for m in compiled if m.startswith("Compiling ")}
     assert "jit(activations)" in names and "jit(<lambda>)" not in names, names  # <lambda>: ModelCalls.jit's
     assert engine._decode.lower(engine.params, engine.kv, engine_decode_rows(engine)).as_text() == decode_hlo
+
+
+def test_chat_hidden_states_equal_the_completions_path(engine):
+    """`return_hidden_states` on chat: the rendered conversation's tokens then the generated
+    ones, exactly what completions returns for the same prompt ids and sampling."""
+    template = "{% for m in messages %}t1 {{ m.content }} t3 {% endfor %}t4"
+    app = create_app(engine, "tiny", engine.tokenizer, chat_template=template, limits=Limits(max_hidden_values=20000))
+    background = BackgroundServer(app)
+    try:
+        url, h = background.url, {"layers": [0, 2], "positions": "all"}
+        messages = [{"role": "user", "content": "t5 t9 t11"}, {"role": "assistant", "content": "t7"},
+                    {"role": "user", "content": "t20 t21"}]
+        sampling = {"max_tokens": 4, "temperature": 0.7, "seed": 3, "ignore_eos": True, "return_hidden_states": h}
+        chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, **sampling}, timeout=60)
+        assert chat.status_code == 200, chat.text
+        ids = app.state.server._chat_items(ChatBody.model_validate({"messages": messages}))[1]
+        assert ids == [1, 5, 9, 11, 3, 1, 7, 3, 1, 20, 21, 3, 4]
+        completion = httpx.post(f"{url}/v1/completions", json={"prompt": ids, **sampling}, timeout=60).json()
+        got, want = chat.json()["choices"][0], completion["choices"][0]
+        assert got["message"]["content"] == want["text"] and got["hidden_states"] == want["hidden_states"]
+        assert got["hidden_states"]["shape"] == [2, len(ids) + 4, engine.model.d_model]
+        resp = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "stream": True, **sampling},
+                          timeout=60)
+        assert resp.status_code == 400 and "not with stream" in resp.json()["error"]["message"]
+    finally:
+        background.stop()

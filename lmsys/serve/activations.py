@@ -1,13 +1,13 @@
 """A model's inner activations on request: the `return_hidden_states` extension field of
-`POST /v1/completions`, and `Activations`, the engine's prefill path without KV pages capturing
+`POST /v1/completions` and `POST /v1/chat/completions`, and `Activations`, the engine's prefill path without KV pages capturing
 per-layer tensors (lmsys.models.llama.forward's `capture`).
 
     {"prompt": "...", "return_hidden_states": {"layers": [0, 5], "positions": "last", "kind": "residual"}}
 
 answers each choice with `"hidden_states": {"kind", "layers", "positions", "shape": [layers,
 positions, d_model], "dtype": "float32", "data": base64 of the little-endian float32 array}`,
-over the choice's whole sequence: its prompt and generated tokens (an end-of-text token that
-ended it included). kind "residual" is the residual stream after each block (transformers'
+over the choice's whole sequence: its prompt (on chat, the rendered conversation's tokens) and
+generated tokens (an end-of-text token that ended it included). kind "residual" is the residual stream after each block (transformers'
 `output_hidden_states[i + 1]`; HF's last entry is the last block's after the final norm),
 "attn" / "mlp" what each block's attention / MLP adds to it. The activations are computed after
 the choice is generated, by a separate call between engine steps (the decode and prefill
@@ -68,9 +68,9 @@ def check(body, engine, limits, prompt_lengths: list[int], max_tokens: int) -> N
                             f"{limits.max_hidden_values} per request", param="return_hidden_states")
 
 
-async def attach(activations: Activations, h: HiddenStatesRequest, reqs, choices: list[dict]) -> None:
-    """Adds each choice's `hidden_states` (computed off the event loop)."""
-    for req, choice in zip(reqs, choices):
+async def attach(activations: Activations, h: HiddenStatesRequest | None, reqs, choices: list[dict]) -> None:
+    """Adds each choice's `hidden_states` (computed off the event loop); nothing if `h` is None."""
+    for req, choice in zip(reqs, choices) if h is not None else ():
         x = await asyncio.to_thread(activations, req.tokens, h.kind, h.layers, h.positions == "last")
         choice["hidden_states"] = {"kind": h.kind, "layers": h.layers, "positions": h.positions,
                                    "shape": list(x.shape), "dtype": "float32",

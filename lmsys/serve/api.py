@@ -8,7 +8,8 @@
     SamplingBody     the shared fields: model, max_tokens, temperature, top_p, top_k, n, stream,
                      stream_options (StreamOptions), stop, seed, ignore_eos, and structured
                      output: response_format (ResponseFormat) or guided_json / guided_regex /
-                     guided_choice / guided_grammar (vLLM's names)
+                     guided_choice / guided_grammar (vLLM's names); return_hidden_states
+                     (HiddenStatesRequest, an extension)
     Limits           what one request may ask and how many may wait (`lmsys serve` flags)
 
 Bodies are strict ("10" is not an int) and every number is range-checked to what the engine
@@ -156,6 +157,14 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class HiddenStatesRequest(BaseModel):
+    """`return_hidden_states` on completions and chat (extension; lmsys.serve.activations)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    layers: list[int] = Field(min_length=1)
+    positions: Literal["last", "all"] = "last"
+    kind: Literal[CAPTURES] = "residual"
+
+
 class SamplingBody(BaseModel):
     """The fields both endpoints share: the model, sampling, stops, streaming."""
 
@@ -180,19 +189,12 @@ class SamplingBody(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
-
-
-class HiddenStatesRequest(BaseModel):
-    """`return_hidden_states` on completions (extension; lmsys.serve.activations)."""
-    model_config = ConfigDict(strict=True, extra="forbid")
-    layers: list[int] = Field(min_length=1)
-    positions: Literal["last", "all"] = "last"
-    kind: Literal[CAPTURES] = "residual"
+    # the model's activations over each choice (extension; lmsys.serve.activations)
+    return_hidden_states: HiddenStatesRequest | None = None
 
 
 class CompletionBody(SamplingBody):
     prompt: str | list[TokenId] | list[str | list[TokenId]]
-    return_hidden_states: HiddenStatesRequest | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     # 0 with echo: only the prompt's log-probs (how evaluation tools score text)

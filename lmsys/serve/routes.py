@@ -315,8 +315,7 @@ class Routes:
                 lp = self.completion_logprobs(c, body.echo, r.generated[:len(r.token_logprobs)],
                                               r.token_logprobs, r.top_logprobs, 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
-        if body.return_hidden_states is not None:
-            await activations.attach(self.activations, body.return_hidden_states, [c.req for c in run.choices], choices)
+        await activations.attach(self.activations, body.return_hidden_states, [c.req for c in run.choices], choices)
         return {**head, "choices": choices, "usage": run.usage(lengths)}
 
     def _completion_items(self, body: CompletionBody):
@@ -403,6 +402,7 @@ class Routes:
                                if tools.chosen_tools(body)
                                else ({"role": "assistant", "content": r.text}, r.finish_reason))
             choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": finish})
+        await activations.attach(self.activations, body.return_hidden_states, [c.req for c in run.choices], choices)
         return {**head, "choices": choices, "usage": run.usage([len(ids)])}
 
     def _chat_items(self, body: ChatBody):
@@ -438,6 +438,7 @@ class Routes:
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.engine.cfg.max_seq_len - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        activations.check(body, self.engine, self.limits, [len(ids)], max_tokens)
         keep = bool(chosen) and self.tool_style.keeps_special_tokens  # the call marker is a special token
         items = [(ids, prompt, self.options(body, max_tokens, seed, logprobs=logprobs, grammar=grammar,
                                             skip_special_tokens=not keep))
