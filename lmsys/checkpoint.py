@@ -452,10 +452,9 @@ def open_model(ref: str | Path, registry_uri: str | None = None, *, files=None) 
         return ModelDir("run", path, path.name, str(path.absolute()), cfg, files=files)
     if (path / "config.json").is_file():
         from lmsys.config import from_dict
-        from lmsys.interop.hf_config import config_from_hf, read_hf_config
+        from lmsys.interop.hf_config import hf_model_config
 
-        hf_config = read_hf_config(path)
-        model = config_from_hf(hf_config)
+        model, hf_config = hf_model_config(path)
         cfg = from_dict({"model": dataclasses.asdict(model),
                          "data": {"tokenizer": str(path.absolute() / "tokenizer.json")}})
         return ModelDir("hf", path, path.absolute().name, str(path.absolute()), cfg, hf_config=hf_config)

@@ -275,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="the model id clients use (default: the run dir's name)")
     p.add_argument("--max-hidden-values", type=int, default=None, help="floats of return_hidden_states one "
                    "completions request may ask for (default 2^22)")
-    p.add_argument("--embed-pooling", choices=("last", "mean"), default="last",
-                   help="/v1/embeddings: the last token's final hidden state, or the mean over the tokens")
+    p.add_argument("--embed-pooling", choices=("last", "mean"), default=None,
+                   help="/v1/embeddings: the last token's final hidden state, or the mean over the tokens "
+                        "(default: the model's model.embed_pooling, else last)")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--batch-invariant", action="store_true",
                    help="one shape per call: a request's output never depends on the others")

@@ -79,6 +79,10 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     attn_soft_cap: float = 0.0
     final_soft_cap: float = 0.0
+    # how /v1/embeddings pools a sequence's final hidden states: "last" token or "mean"; "" = not
+    # said (the server's --embed-pooling, default last); set from a sentence-transformers
+    # Pooling config beside an imported HF model (lmsys.interop.hf_config)
+    embed_pooling: str = ""
 
 
 @dataclass

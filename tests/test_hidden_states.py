@@ -1,13 +1,16 @@
 """Hidden states of an HF-imported tiny Llama against transformers. Embeddings equal mean /
 last pooling of transformers' last hidden state (after the final norm, as HF returns it), 8
 inputs of different lengths in one request, in Python and over `POST /v1/embeddings` through the
-`openai` client (base64 and float, `dimensions`, `usage`). Captured activations (`forward(capture=
+`openai` client (base64 and float, `dimensions`, `usage`), pooling as the model's
+sentence-transformers configuration says (read on import: modules.json's Pooling module or
+1_Pooling/; an unimplemented mode a warning), the server's flag overriding. Captured activations (`forward(capture=
 ...)`: the residual stream after each block, attention and MLP outputs) equal transformers'
 `output_hidden_states` and its layers' outputs, in Python and over completions'
 `return_hidden_states`, without recompiling or changing the serving programs. Bad inputs are
 400s naming the field."""
 
 import base64
+import json
 import logging
 
 import httpx
@@ -17,6 +20,8 @@ import pytest
 from openai import OpenAI
 
 from lmsys.interop import load_hf
+from lmsys.config import ConfigError, from_dict
+from lmsys.interop.hf_config import ConversionError, sentence_transformers_pooling
 from lmsys.models import llama
 from lmsys.serve.api import ChatBody, Limits
 from lmsys.serve.constrained import all_allowed
@@ -45,8 +50,25 @@ def hf(tmp_path_factory):
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.3)
     directory = tmp_path_factory.mktemp("hf-llama")
     model.save_pretrained(directory, safe_serialization=True)
+    write_st_pooling(directory, "pooling_mode_mean_tokens")  # a sentence-transformers model pooling by mean
     params, cfg = load_hf(directory)
+    assert cfg.embed_pooling == "mean"
     return model.eval(), params, cfg
+
+
+def write_st_pooling(directory, *modes, path="1_Pooling", modules=True):
+    """A sentence-transformers configuration beside an HF model: modules.json (Transformer,
+    Pooling at `path`, Normalize) and the Pooling module's config.json with `modes` on."""
+    if modules:
+        (directory / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": path, "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (directory / path).mkdir(exist_ok=True)
+    all_modes = ["cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken"]
+    (directory / path / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, **{f"pooling_mode_{m}": f"pooling_mode_{m}" in modes for m in all_modes},
+         "include_prompt": True}))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +106,8 @@ def test_pooled_hidden_states_equal_transformers(hf, engine, pooling):
 
 def test_http_embeddings(hf, engine):
     model, _, cfg = hf
-    background = BackgroundServer(create_app(engine, "tiny", engine.tokenizer, limits=Limits(embed_pooling="mean")))
+    assert Embedder(engine).pooling() == "mean" and Embedder(engine).pooling("last") == "last"
+    background = BackgroundServer(create_app(engine, "tiny", engine.tokenizer))  # pools by the model's: mean
     try:
         client = OpenAI(base_url=f"{background.url}/v1", api_key="none", max_retries=0, timeout=60)
         ref = reference(model, inputs(), "mean")
@@ -113,6 +136,27 @@ def test_http_embeddings(hf, engine):
             assert resp.status_code == 400 and err["param"] == param and words in err["message"], (body, err)
     finally:
         background.stop()
+
+
+def test_sentence_transformers_pooling_is_read(tmp_path, caplog):
+    cases = [(("pooling_mode_lasttoken",), {}, "last"), (("pooling_mode_mean_tokens",), {"path": "pool"}, "mean"),
+             (("pooling_mode_lasttoken",), {"modules": False}, "last"),  # 1_Pooling/ without modules.json
+             (("pooling_mode_cls_token",), {}, ""), (("pooling_mode_mean_tokens", "pooling_mode_max_tokens"), {}, "")]
+    for i, (modes, kw, want) in enumerate(cases):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        write_st_pooling(directory, *modes, **kw)
+        with caplog.at_level(logging.WARNING, logger="lmsys.interop.hf_config"):
+            caplog.clear()
+            assert sentence_transformers_pooling(directory) == want, modes
+        assert (want == "") == ("not one lmsys implements" in caplog.text), caplog.text
+        assert want or " + ".join(sorted(modes)) in caplog.text
+    assert sentence_transformers_pooling(tmp_path) == ""  # a plain HF model
+    (tmp_path / "modules.json").write_text("{not json")
+    with pytest.raises(ConversionError, match="modules.json"):
+        sentence_transformers_pooling(tmp_path)
+    with pytest.raises(ConfigError, match="model.embed_pooling"):  # an lmsys run's own key
+        from_dict({"model": {"embed_pooling": "cls"}})
 
 
 def hf_hidden(model, ids):

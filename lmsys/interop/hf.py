@@ -23,7 +23,7 @@ import numpy as np
 
 from lmsys.config import ModelConfig
 from lmsys.data.tokenizer import copy_tokenizer_files
-from lmsys.interop.hf_config import ConversionError, config_from_hf, config_to_hf, read_hf_config
+from lmsys.interop.hf_config import ConversionError, config_to_hf, hf_model_config
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -243,7 +243,7 @@ def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
     import jax
 
     hf_dir = Path(hf_dir)
-    model = config_from_hf(read_hf_config(hf_dir))
+    model, _ = hf_model_config(hf_dir)
     reader = _TensorReader(hf_dir)
     from lmsys.models import llama
 

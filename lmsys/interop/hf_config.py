@@ -2,6 +2,7 @@
 Gemma 3 (text) and the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE.
 
     cfg = config_from_hf(read_hf_config("hf/"))                   # -> ModelConfig
+    cfg, hf = hf_model_config("hf/")           # the same, + model.embed_pooling from sentence-transformers
     hf = config_to_hf(cfg, dtype="bfloat16")                      # -> a config.json dict
 
 Anything in an HF config that would change the math and lmsys cannot express (an o_proj bias, a
@@ -11,7 +12,9 @@ is refused with a message naming the field; nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from lmsys.checkpoint import CheckpointError
@@ -22,6 +25,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3
 GEMMA = ("gemma2", "gemma3_text")
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # HF name -> model.mlp_act
+# a sentence-transformers Pooling module's mode -> model.embed_pooling
+ST_POOLINGS = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
+log = logging.getLogger(__name__)
 
 
 class ConversionError(CheckpointError):
@@ -314,3 +320,41 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
+
+
+def sentence_transformers_pooling(hf_dir: str | Path) -> str:
+    """model.embed_pooling of a sentence-transformers model (an HF model directory with its
+    modules.json and Pooling module, e.g. e5-mistral, gte-Qwen2, Qwen3-Embedding): "last"
+    (pooling_mode_lasttoken) or "mean" (pooling_mode_mean_tokens), read from the config.json of
+    the Pooling module modules.json names (else 1_Pooling/); "" without one. A pooling lmsys does
+    not implement (CLS, max, weighted mean, several modes concatenated) is logged as a warning
+    and left to the server's --embed-pooling."""
+    hf_dir = Path(hf_dir)
+    pooling_dir = hf_dir / "1_Pooling"
+    modules = hf_dir / "modules.json"
+    try:
+        if modules.is_file():
+            found = [m for m in json.loads(modules.read_text()) if str(m.get("type", "")).endswith(".Pooling")]
+            if not found:
+                return ""
+            pooling_dir = hf_dir / found[0].get("path", "")
+        if not (pooling_dir / "config.json").is_file():
+            return ""
+        config = json.loads((pooling_dir / "config.json").read_text())
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise ConversionError(f"{hf_dir}: the sentence-transformers configuration (modules.json, "
+                              f"{pooling_dir.name}/config.json) is not valid: {e}") from None
+    modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+    if len(modes) == 1 and modes[0] in ST_POOLINGS:
+        return ST_POOLINGS[modes[0]]
+    log.warning("%s: sentence-transformers pooling %s is not one lmsys implements (pooling_mode_lasttoken, "
+                "pooling_mode_mean_tokens); /v1/embeddings pools by the server's --embed-pooling",
+                pooling_dir / "config.json", " + ".join(modes) or "(none)")
+    return ""
+
+
+def hf_model_config(hf_dir: str | Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, config.json) of an HF model directory, model.embed_pooling from its
+    sentence-transformers configuration (`sentence_transformers_pooling`)."""
+    hf = read_hf_config(hf_dir)
+    return dataclasses.replace(config_from_hf(hf), embed_pooling=sentence_transformers_pooling(hf_dir)), hf

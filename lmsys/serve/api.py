@@ -84,7 +84,7 @@ class Limits:
     max_stop_chars: int = 256  # characters of one stop string
     max_messages: int = 1024  # chat messages per request
     request_timeout: float = 600.0  # seconds from arrival to the last token (0 = none); then 408
-    embed_pooling: str = "last"  # how /v1/embeddings pools a sequence: "last" or "mean" token
+    embed_pooling: str | None = None  # /v1/embeddings' pooling, "last" or "mean"; None: the model's
     max_hidden_values: int = 2**22  # floats of `return_hidden_states` one request may ask for
 
 

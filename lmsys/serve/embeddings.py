@@ -5,8 +5,10 @@ without KV pages pooled to one vector per input.
 
 An input is a string (tokenized as completions' prompts are, no special tokens added) or token
 ids; the model runs it causally (`ModelCalls.embed`) and pools its final-normed hidden states,
-the mean over its tokens or its last token's (`pooling`: the server's `--embed-pooling`, "last"
-by default, as decoder embedding models such as e5-mistral and gte-Qwen are trained). Inputs are
+the mean over its tokens or its last token's (`pooling`): the model's own (`model.embed_pooling`,
+read from the sentence-transformers Pooling config of an imported HF model, or set in an lmsys
+run's config), which the server's `--embed-pooling` overrides; "last" when neither says, as
+decoder embedding models such as e5-mistral and gte-Qwen are trained. Inputs are
 sorted by length and run in batches of at most EMBED_TOKENS padded tokens, at shapes padded to
 powers of two (each new shape compiles once, on first use), between engine steps (the engine's
 lock). `dimensions` keeps the first N values, then the vector is L2-normalized (unless
@@ -47,7 +49,12 @@ class Embedder:
         mesh = engine.rules.mesh if engine.rules is not None else None
         self.min_rows = mesh.size if mesh is not None else 1  # rows split over the mesh's batch axes
 
-    def __call__(self, inputs: list[list[int]], pooling: str = "last") -> np.ndarray:
+    def pooling(self, override: str | None = None) -> str:
+        """`override` (the server's flag) if given, else the model's own, else "last"."""
+        return override or self.engine.model.embed_pooling or "last"
+
+    def __call__(self, inputs: list[list[int]], pooling: str | None = None) -> np.ndarray:
+        pooling = self.pooling(pooling)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         out = np.zeros((len(inputs), self.engine.model.d_model), np.float32)
@@ -122,7 +129,7 @@ def _inputs(routes, body: EmbeddingBody) -> list[list[int]]:
 
 def add_embedding_routes(app: FastAPI, routes) -> None:
     """`POST /v1/embeddings` over `routes`' engine (lmsys.serve.routes.Routes), pooling by
-    `routes.limits.embed_pooling`."""
+    `routes.limits.embed_pooling` if set, else by the model's."""
     from lmsys.serve.routes import _Run
 
     embedder = Embedder(routes.engine)
