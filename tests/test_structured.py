@@ -10,10 +10,11 @@ import httpx
 import jsonschema
 import numpy as np
 import pytest
-from common import tiny_served_model
+from common import tiny_config, tiny_served_model
 from openai import BadRequestError, OpenAI
 
 from lmsys.data import eos_id
+from lmsys.parallel import Rules, build_mesh
 from lmsys.serve.constrained import request_grammar
 from lmsys.serve.engine import Engine, EngineConfig
 from lmsys.serve.scheduler import GenerationOptions
@@ -148,3 +149,41 @@ def test_http_rejected_constraints_are_400s_naming_the_problem(server):
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert err["param"] == param and words in err["message"], (extra, err)
+
+
+def test_constrained_and_free_rows_share_steps_on_a_data_parallel_mesh(engine):
+    """kv_pages over a data axis (data 2 x tensor 4): each shard's decode rows hold constrained
+    and free requests in the same step; greedy rows equal the single-device engine's tokens,
+    sampled constrained rows validate."""
+    rules = Rules(build_mesh(tiny_config({"data": 2, "fsdp": 1, "tensor": 4}).mesh))
+    mesh = Engine(engine.params, engine.model, engine.tokenizer,
+                  EngineConfig(max_slots=8, page_size=16, max_seq_len=192, prefill_chunk=16, batch_invariant=True),
+                  rules=rules, eos_token_id=engine.eos_token_id)
+    assert mesh.num_shards == 2
+    rng = np.random.default_rng(1)
+    schemas = [random_schema(rng, kind="object") for _ in range(6)]
+
+    def constrained(i, temperature):
+        return (f"row {i}:", GenerationOptions(max_tokens=MAX_TOKENS, temperature=temperature, seed=i,
+                                               grammar=request_grammar("json_schema", schemas[i])))
+
+    free = [("def fib(", GenerationOptions(max_tokens=24, seed=50 + i, temperature=t, ignore_eos=True))
+            for i, t in enumerate([0.0, 1.0])]
+    items = [constrained(0, 0.0), constrained(1, 0.0), *free, constrained(2, 0.0), constrained(3, 0.0),
+             constrained(4, 1.0), constrained(5, 1.0)]
+    reqs = [mesh.add_request(mesh.encode(prompt), options) for prompt, options in items]
+    mixed = set()  # shards whose decode rows held constrained and free requests in one step
+    while mesh.has_work():
+        mesh.step()
+        for g in range(2):
+            rows = [r for r in mesh.running if r.shard == g and r.generated]
+            if any(r.matcher is not None for r in rows) and any(r.matcher is None for r in rows):
+                mixed.add(g)
+    assert mixed == {0, 1}
+    single = run(engine, items)
+    for i, (r, ref) in enumerate(zip(reqs, single)):
+        if items[i][1].temperature == 0:
+            assert r.generated == ref.generated, i
+    for r, schema in zip(reqs[:2] + reqs[4:], schemas):
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)
