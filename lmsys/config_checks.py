@@ -156,8 +156,8 @@ def check_family(cfg: Config) -> None:
                 "attn_soft_cap", "final_soft_cap", "shared_d_ff"):
         check_key(getattr(m, key) >= 0, f"model.{key}", getattr(m, key), "must be >= 0 (0 = off)")
     check_key(m.mlp_act in MLP_ACTS, "model.mlp_act", m.mlp_act, f"must be one of {', '.join(MLP_ACTS)}")
-    check_key(m.embed_pooling in ("", "last", "mean"), "model.embed_pooling", m.embed_pooling,
-              "must be last, mean or '' (the server's --embed-pooling)")
+    check_key(m.embed_pooling in ("", "last", "mean") or m.embed_pooling.startswith("unsupported:"),
+              "model.embed_pooling", m.embed_pooling, "must be last, mean or '' (the server's --embed-pooling)")
     check_key(m.sliding_window or not m.global_every, "model.global_every", m.global_every,
               "needs a model.sliding_window (the other layers' window)")
     check_key(m.global_every or not m.rope_local_theta, "model.rope_local_theta", m.rope_local_theta,

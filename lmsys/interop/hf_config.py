@@ -327,8 +327,9 @@ def sentence_transformers_pooling(hf_dir: str | Path) -> str:
     modules.json and Pooling module, e.g. e5-mistral, gte-Qwen2, Qwen3-Embedding): "last"
     (pooling_mode_lasttoken) or "mean" (pooling_mode_mean_tokens), read from the config.json of
     the Pooling module modules.json names (else 1_Pooling/); "" without one. A pooling lmsys does
-    not implement (CLS, max, weighted mean, several modes concatenated) is logged as a warning
-    and left to the server's --embed-pooling."""
+    not implement (CLS, max, weighted mean, several modes concatenated) is kept as
+    "unsupported:<modes>" and logged: /v1/embeddings then refuses until the server's
+    --embed-pooling chooses one, rather than serve vectors the model was not trained to give."""
     hf_dir = Path(hf_dir)
     pooling_dir = hf_dir / "1_Pooling"
     modules = hf_dir / "modules.json"
@@ -347,10 +348,11 @@ def sentence_transformers_pooling(hf_dir: str | Path) -> str:
     modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
     if len(modes) == 1 and modes[0] in ST_POOLINGS:
         return ST_POOLINGS[modes[0]]
+    found = " + ".join(modes) or "(none)"
     log.warning("%s: sentence-transformers pooling %s is not one lmsys implements (pooling_mode_lasttoken, "
-                "pooling_mode_mean_tokens); /v1/embeddings pools by the server's --embed-pooling",
-                pooling_dir / "config.json", " + ".join(modes) or "(none)")
-    return ""
+                "pooling_mode_mean_tokens); /v1/embeddings refuses unless the server's --embed-pooling "
+                "chooses one", pooling_dir / "config.json", found)
+    return f"unsupported:{found}"
 
 
 def hf_model_config(hf_dir: str | Path) -> tuple[ModelConfig, dict]:

@@ -139,6 +139,10 @@ def add_embedding_routes(app: FastAPI, routes) -> None:
         routes.check_model(body.model)
         if routes.loop.dead:
             routes.loop.check_admission()  # the 503 of a dead engine
+        pooling = embedder.pooling(routes.limits.embed_pooling)
+        if pooling.startswith("unsupported:"):
+            raise APIError(400, f"this model's sentence-transformers pooling ({pooling[12:]}) is not one lmsys "
+                                f"implements; start the server with --embed-pooling last or mean to choose one")
         ids = await asyncio.to_thread(_inputs, routes, body)
         vectors = finish(await asyncio.to_thread(embedder, ids, routes.limits.embed_pooling),
                          body.dimensions, body.normalize)
