@@ -271,6 +271,13 @@ def test_follow_swaps_between_requests_and_refuses_broken_versions(versions, ref
         time.sleep(5 * INTERVAL)  # not tried again while the alias stays
         m = _metrics(url)
         assert (m["lmsys_model_load_failures_total"], m["lmsys_model_swaps_total"]) == (3, 2)
+        reg.client.delete_registered_model_alias(NAME, "prod")  # the registry cannot answer: still v3
+        _until("polls failing", lambda: _metrics(url)["lmsys_model_poll_errors_total"] >= 3)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == follow_log]
+        assert len(warned) == 1  # once, not at every poll
+        assert warned[0].startswith(f"following models:/{NAME}@prod: cannot read the registry (model '{NAME}' "
+                                    f"has no alias 'prod'") and warned[0].endswith("; still serving v3")
+        assert _card(url)["lmsys_version"] == 3 and _complete(url, PROBE) == references[3][PROBE]
         reg.alias(NAME, "prod", 2)  # moved again: a good version is swapped in
         _until("v2 served again", lambda: _card(url)["lmsys_version"] == 2)
         assert _complete(url, PROBE) == references[2][PROBE]

@@ -49,6 +49,8 @@ never on the event loop. Events go to each HTTP request's asyncio queue via
 `loop.call_soon_threadsafe`. A client that disconnects has its requests aborted (its pages
 return to the pool on the next loop turn). If the engine thread dies, every queued and running
 request gets a 503 at once, new ones too, and `run_app` / `serve` stop the server: exit status 1.
+A weight swap (`EngineLoop.swap`, set by lmsys.serve.follow for `lmsys serve --follow`) runs on
+the engine thread between steps.
 """
 
 from __future__ import annotations
