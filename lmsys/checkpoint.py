@@ -422,6 +422,7 @@ class LoadedModel:
     eos_token_id: int | None
     step: int
     chat_template: str | None = None  # None: lmsys.data.chat_template.DEFAULT_CHAT_TEMPLATE
+    ref: str = ""  # ModelDir.ref: the directory, or the version loaded (models:/NAME/VERSION)
 
 
 def open_model(ref: str | Path, registry_uri: str | None = None, *, files=None) -> ModelDir:
@@ -472,7 +473,7 @@ def load_model(ref: str | Path, rules=None, step: int | None = None,
     template = found.chat_template()
     params, step = found.params(rules, step)
     return LoadedModel(found.name, found.config, params, tokenizer, found.eos_token_id(tokenizer), step,
-                       template)
+                       template, found.ref)
 
 
 def _run_tokenizer(spec: str, run_dir: Path) -> str:

@@ -7,7 +7,7 @@
     lmsys convert from-hf HF_DIR OUT_DIR          # then `lmsys generate OUT_DIR ...`
     lmsys convert to-hf RUN_DIR OUT_DIR [--dtype bfloat16] [--merge]   # a LoRA run: a PEFT adapter dir
     lmsys registry register RUN_DIR --name NAME   # then: alias, list, show, delete
-    lmsys serve models:/NAME@ALIAS                # serve and generate take models:/NAME/VERSION too
+    lmsys serve models:/NAME@ALIAS [--follow]     # serve and generate take models:/NAME/VERSION too
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _serve(args) -> int:
     from lmsys.config import ConfigError
     from lmsys.serve.api import Limits
     from lmsys.serve.gate import KeyFileError, KeyRing, load_api_keys
-    from lmsys.serve.server import serve
+    from lmsys.serve.server import create_app, run_app
 
     try:  # before loading the model: a bad key or keys file fails at once
         if args.api_keys and args.api_key is not None:
@@ -141,13 +141,34 @@ def _serve(args) -> int:
         if value is not None and (value < 0 or (value == 0 and name != "request_timeout")):
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     limits = Limits(**{k: v for k, v in given.items() if v is not None}, embed_pooling=args.embed_pooling)
+    if args.follow:
+        from lmsys.serve import follow
+
+        try:
+            follow.check_followable(args.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if args.follow_interval <= 0 or args.follow_max_wait < 0:
+            raise ConfigError(f"--follow-interval must be > 0 and --follow-max-wait >= 0, got "
+                              f"{args.follow_interval} and {args.follow_max_wait}")
     model, engine = _engine(args, args.max_slots, args.batch_invariant)
     print(f"{model.name} (step {model.step}): {engine.num_pages} KV pages of {args.page_size} tokens, "
           f"{args.max_slots} slots, queue of {limits.max_queue}", flush=True)
     engine.warmup(progress=not args.no_progress)
-    return serve(engine, args.name or model.name, model.tokenizer, host=args.host, port=args.port,
-                 chat_template=model.chat_template, keys=keys, limits=limits,
-                 public_metrics=args.public_metrics)
+    app = create_app(engine, args.name or model.name, model.tokenizer, chat_template=model.chat_template,
+                     keys=keys, limits=limits, public_metrics=args.public_metrics)
+    from lmsys.serve.follow import Follower, describe, log_to_stderr
+
+    describe(app, model)  # a registered model's version on /v1/models
+    if args.follow:
+        log_to_stderr()
+    follower = (Follower(app, args.model, model, interval=args.follow_interval,
+                         max_wait=args.follow_max_wait).start() if args.follow else None)
+    try:
+        return run_app(app, args.host, args.port)
+    finally:
+        if follower:
+            follower.stop()
 
 
 def _eval(args) -> int:
@@ -282,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-invariant", action="store_true",
                    help="one shape per call: a request's output never depends on the others")
     p.add_argument("--no-progress", action="store_true", help="no warm-up progress bar")
+    p.add_argument("--follow", action="store_true",
+                   help="with models:/NAME@ALIAS: serve the version the alias points to as it moves "
+                        "(loaded and verified beside the served one, swapped in once the running "
+                        "requests finish)")
+    p.add_argument("--follow-interval", type=float, default=30.0, help="seconds between registry polls")
+    p.add_argument("--follow-max-wait", type=float, default=60.0,
+                   help="seconds a swap waits for the running requests; those left then get a 503")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte on text; lm-eval tasks")

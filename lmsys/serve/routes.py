@@ -198,6 +198,7 @@ class Routes:
         self.engine, self.model_name, self.tokenizer = engine, model_name, tokenizer
         self.loop, self.metrics, self.limits, self.keys = loop, metrics, limits or Limits(), keys
         self.created = int(time.time())
+        self.card_extra: dict = {}  # the base's card: the registry version served (lmsys.serve.follow)
         self.activations = activations.Activations(engine)
         self.tool_style = tools.style(chat_template or DEFAULT_CHAT_TEMPLATE, tokenizer)
         self.chat = ChatTemplate.for_model(chat_template, tokenizer, engine.eos_token_id)
@@ -475,7 +476,7 @@ class Routes:
         """The base's card, or a LoRA adapter's (`name`; its `parent` the base)."""
         card = {"id": name or self.model_name, "object": "model", "created": self.created, "owned_by": "lmsys",
                 "max_model_len": self.engine.cfg.max_seq_len}
-        return card if not name or name == self.model_name else {**card, "parent": self.model_name}
+        return {**card, **self.card_extra} if not name or name == self.model_name else {**card, "parent": self.model_name}
 
 
 def add_routes(app: FastAPI, routes: Routes) -> None:

@@ -49,6 +49,8 @@ never on the event loop. Events go to each HTTP request's asyncio queue via
 `loop.call_soon_threadsafe`. A client that disconnects has its requests aborted (its pages
 return to the pool on the next loop turn). If the engine thread dies, every queued and running
 request gets a 503 at once, new ones too, and `run_app` / `serve` stop the server: exit status 1.
+A weight swap (`EngineLoop.swap`, set by lmsys.serve.follow for `lmsys serve --follow`) runs on
+the engine thread between steps.
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class EngineLoop:
         self.max_queue = max_queue  # engine requests waiting for a slot at most (0 = no limit)
         self.dead: str | None = None
         self.fault: BaseException | None = None
+        # new weights to swap in (lmsys.serve.follow.Swap): while set, it runs between steps,
+        # holding the requests that have not started until the running ones finish
+        self.swap = None
 
     def start(self) -> None:
         self.stopped = False
@@ -180,13 +185,14 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self.cond:
-                while not (self.stopped or self.aborts or self.pending or self.fault or engine.has_work()):
+                while not (self.stopped or self.aborts or self.pending or self.fault or engine.has_work()
+                           or self.swap):
                     self.cond.wait()
                 if self.fault is not None:
                     raise self.fault
                 if self.stopped:
                     return
-                aborts, pending = list(self.aborts), list(self.pending)
+                aborts, pending, swap = list(self.aborts), list(self.pending), self.swap
                 self.aborts.clear()
                 self.pending.clear()
             for req in pending:  # before the aborts: an abort may be for one of these
@@ -194,6 +200,8 @@ class EngineLoop:
                     engine.enqueue(req)
             for req in aborts:
                 engine.abort(req)
+            if swap is not None and swap.between_steps(self):
+                continue  # swapped: the held requests go to the engine at the next turn
             if not engine.has_work():
                 continue
             try:
