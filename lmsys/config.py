@@ -207,9 +207,7 @@ class DpoConfig:
 
 @dataclass
 class RlConfig:
-    """GRPO reinforcement learning from rewards (`lmsys rl`, lmsys.train.rl), the objective with
-    data.format=prompts: per prompt `group_size` samples from the serving engine, scored by
-    `reward`, group-normalized advantages, the clipped policy-ratio loss (lmsys.train.grpo)."""
+    """GRPO from rewards (`lmsys rl`, lmsys.rl.loop; lmsys.train.grpo), with data.format=prompts."""
 
     group_size: int = 8  # samples per prompt (G)
     prompts_per_step: int = 8  # prompts per rollout; batch_size = prompts_per_step x group_size
@@ -219,13 +217,14 @@ class RlConfig:
     updates_per_rollout: int = 1  # optimizer steps on each rollout batch (GRPO's mu)
     clip_eps: float = 0.2  # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]
     kl_beta: float = 0.0  # weight of the k3 KL estimate to the frozen reference; 0 = no reference
-    # "module:function" (called as function(prompts, completions, **columns) -> list[float]) or a
-    # built-in: exact_match (column `answer`), regex (column `pattern`, or rl.reward_pattern),
-    # python_parses (the completion, or its ```python block, compiles)
+    # module:function, called as function(prompts, completions, **columns) -> list[float], or a
+    # built-in: exact_match (column `answer`), regex (column `pattern`), python_parses
     reward: str = "exact_match"
     reward_pattern: str = ""  # the regex of reward=regex when rows carry no `pattern`
     prompt_field: str = "prompt"  # the JSONL column holding the prompt text
     sft_steps: int = 0  # data.source=arithmetic without init_from: supervised warm-start steps first
+    sft_lr: float = 3e-3  # the warm start's peak learning rate (optimizer.lr is the RL updates')
+    engine_tensor: int = 1  # the rollout engine's tensor-parallel size (its mesh: the first devices)
 
 
 @dataclass
