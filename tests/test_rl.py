@@ -2,6 +2,7 @@
 CPU (after a supervised warm start the run makes with `lmsys train`'s API); rewards and prompt
 sources refuse bad input with a message that names the fix."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,17 +10,17 @@ import numpy as np
 import pytest
 
 from common import tiny_config
-from lmsys.config import ConfigError
+from lmsys.config import ConfigError, ModelConfig
 from lmsys.rl.loop import rl
 from lmsys.rl.data import exact_match, load_reward, python_parses, regex_reward, score
 
 ONE = {"data": 1, "fsdp": 1, "tensor": 1}
 
 
-def arith_config(run_dir, mesh=None, **top):
+def arith_config(run_dir, mesh=None, steps=40, **top):
     """The arithmetic task on a tiny model: a warm start of 100 supervised steps, then GRPO with
     16 prompts x 8 samples per step, 2 updates per rollout."""
-    return tiny_config(mesh or ONE, steps=40, seq_len=16, run_dir=str(run_dir), model={"vocab_size": 32},
+    return tiny_config(mesh or ONE, steps=steps, seq_len=16, run_dir=str(run_dir), model={"vocab_size": 32},
                        data={"format": "prompts", "source": "arithmetic"},
                        optimizer={"lr": 1e-3, "warmup_steps": 5, "min_lr_ratio": 1.0, "weight_decay": 0.0},
                        rl={"group_size": 8, "prompts_per_step": 16, "max_new_tokens": 3, "sft_steps": 100,
@@ -87,3 +88,46 @@ def test_prompt_jsonl_errors(tmp_path):
     rows = PromptSource(cfg).rows(0, 4)  # two epochs, each a seeded order of both
     assert sorted(r["prompt"] for r in rows[:2]) == sorted(r["prompt"] for r in rows[2:]) == ["1+1=", "2+2="]
     assert rows[0]["answer"] == str(int(rows[0]["prompt"][0]) * 2)
+
+
+def test_sampler_and_trainer_logprobs_agree_across_meshes_without_recompiling(arith_run, tmp_path, monkeypatch):
+    """Trainer on fsdp=4 x tensor=2, engine on tensor=2: after every update, each sampled token's
+    log-prob from the engine's decode step equals the trainer's forward of the same row (1e-5,
+    float32); after the first step neither the rollouts nor the hand-overs trace or compile
+    anything (the checkpoint written at the last step is Orbax's)."""
+    import lmsys.rl.loop as loop
+
+    sft = arith_run[0] / "sft"
+    cfg = arith_config(tmp_path / "mixed", {"data": 1, "fsdp": 4, "tensor": 2}, steps=3, init_from=str(sft))
+    cfg = dataclasses.replace(cfg, model=ModelConfig(), rl=dataclasses.replace(cfg.rl, sft_steps=0, engine_tensor=2))
+    traces, steps_begun, inside = [], [], []
+
+    def on_event(event, _secs, **_):
+        if event.endswith("jaxpr_trace_duration") and len(steps_begun) > 1 and inside:
+            traces.append((len(steps_begun), inside[-1], event))
+
+    def watched(name, fn):
+        def call(*args):
+            inside.append(name)
+            try:
+                return fn(*args)
+            finally:
+                inside.pop()
+        return call
+
+    rollout = loop.rollout
+    monkeypatch.setattr(loop, "rollout", lambda engine, *a: (steps_begun.append(engine), watched(
+        "rollout", rollout)(engine, *a))[1])
+    monkeypatch.setattr(loop.Handover, "__call__", watched("handover", loop.Handover.__call__))
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        history = rl(cfg, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    engine = steps_begun[0]
+    assert engine.rules.mesh.shape["tensor"] == 2 and engine.weights_version == 4  # set at start + 3 updates
+    assert traces == []
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert h["logprob_diff_max"] < 1e-5, h
+        assert h["grad_norm"] > 0  # the policy moved: steps 2 and 3 sample from updated weights

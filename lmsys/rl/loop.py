@@ -236,6 +236,7 @@ def _rl(cfg: Config, devices, progress: bool, stop_at: int | None) -> list[dict]
                           **({"kl": m["kl"]} if "kl" in m else {}),
                           "completion_length": generated / len(reqs),
                           "logprob_diff": float(diff.mean()) if diff.size else 0.0,
+                          "logprob_diff_max": float(diff.max()) if diff.size else 0.0,
                           "rollout_tokens_per_second": generated / t_rollout,
                           "train_tokens_per_second": float(host["segment_ids"].sum()) * r.updates_per_rollout / t_update,
                           "rollout_s": t_rollout, "update_s": t_update, "handover_s": handover_s}
