@@ -88,6 +88,12 @@ def test_prompt_jsonl_errors(tmp_path):
     rows = PromptSource(cfg).rows(0, 4)  # two epochs, each a seeded order of both
     assert sorted(r["prompt"] for r in rows[:2]) == sorted(r["prompt"] for r in rows[2:]) == ["1+1=", "2+2="]
     assert rows[0]["answer"] == str(int(rows[0]["prompt"][0]) * 2)
+    from lmsys.rl.data import arithmetic_tokenizer
+
+    path.write_text('{"prompt": "1+1="}\n{"prompt": "' + "1" * 20 + '="}\n')
+    with pytest.raises(ConfigError, match=r"data.source prompt 2 \('1111.*is 21 tokens: it must be 1 to 13 "
+                                          r"\(seq_len - rl.max_new_tokens\)"):
+        PromptSource(cfg).check_lengths(arithmetic_tokenizer(), 13)
 
 
 def test_sampler_and_trainer_logprobs_agree_across_meshes_without_recompiling(arith_run, tmp_path, monkeypatch):

@@ -110,6 +110,14 @@ class PromptSource:
         if not self.records:
             raise ConfigError(f"config key 'data.source' = {cfg.data.source!r}: no prompts in it")
 
+    def check_lengths(self, tokenizer, max_prompt_tokens: int) -> None:
+        """Refuses (at start, before any step) a JSONL prompt that is empty or too long."""
+        for i, rec in enumerate(self.records, 1):
+            n = len(tokenizer.encode(rec["prompt"], add_special_tokens=False).ids)
+            if not 0 < n <= max_prompt_tokens:
+                raise ConfigError(f"data.source prompt {i} ({rec['prompt'][:60]!r}) is {n} tokens: it must be 1 to "
+                                  f"{max_prompt_tokens} (seq_len - rl.max_new_tokens); raise seq_len or drop it")
+
     def rows(self, index: int, n: int) -> list[dict]:
         if self.arithmetic:
             return arithmetic_rows(self.cfg.seed, index, n)

@@ -39,7 +39,7 @@ from lmsys.train.grpo import GrpoTrainer, group_advantages
 from lmsys.train.loop import _StopSignals, initial_state, resolve_init_from
 from lmsys.train.metrics import MetricsWriter
 from lmsys.rl.data import ARITHMETIC, ArithmeticSFT, PromptSource, arithmetic_tokenizer, load_reward, score
-from lmsys.train.run_dir import RunDirLock, provenance, save_tokenizer
+from lmsys.train.run_dir import RunDirLock, save_tokenizer
 
 
 def rl(cfg: Config, *, devices=None, progress: bool = True, stop_at: int | None = None) -> list[dict]:
@@ -48,6 +48,9 @@ def rl(cfg: Config, *, devices=None, progress: bool = True, stop_at: int | None 
     if cfg.data.format != "prompts":
         raise ConfigError(f"config key 'data.format' = {cfg.data.format!r}: lmsys rl samples prompts; set "
                           f"data.format=prompts (recipes/configs/grpo.yaml)")
+    if jax.process_count() > 1:
+        raise ConfigError("lmsys rl runs in one process (the engine samples on this process's devices); "
+                          "start it without distributed.* / a multi-process launcher")
     with RunDirLock(path_or_url(cfg.run_dir)):
         return _rl(cfg, devices, progress, stop_at)
 
@@ -73,14 +76,22 @@ def prepare(cfg: Config, devices=None) -> Config:
                                   data=dataclasses.replace(cfg.data, format="text"),
                                   optimizer=dataclasses.replace(cfg.optimizer, lr=cfg.rl.sft_lr),
                                   rl=dataclasses.replace(cfg.rl, sft_steps=0))
-        done = Checkpointer(Path(sft.run_dir) / "checkpoints", read_only=True).latest_step() \
-            if (Path(sft.run_dir) / "checkpoints").is_dir() else None
-        if done != sft.steps:
+        if _latest_step(Path(sft.run_dir)) != sft.steps:
             train(sft, devices=devices, progress=False, dataset=ArithmeticSFT(cfg.seed, cfg.seq_len))
         # the model is the warm start's now (resolve_init_from reads its model.* back)
         model = ModelConfig(attention_impl=cfg.model.attention_impl, init_std=cfg.model.init_std)
         cfg = dataclasses.replace(cfg, init_from=sft.run_dir, model=model)
     return resolve_init_from(cfg)
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
 
 
 def engine_rules(cfg: Config) -> Rules:
@@ -183,9 +194,11 @@ def _rl(cfg: Config, devices, progress: bool, stop_at: int | None) -> list[dict]
     tcfg = dataclasses.replace(cfg, batch_size=r.prompts_per_step * r.group_size, steps=cfg.steps * r.updates_per_rollout)
     trainer = GrpoTrainer(tcfg, Rules(build_mesh(cfg.mesh, devices)))
     from lmsys.data import tokenizer_for
+    from lmsys.data.tokenizer import tokenizer_sha256
 
     tokenizer = tokenizer_for(cfg.data, cfg.model.vocab_size)
-    prov = provenance(type("Prompts", (), {"tokenizer": tokenizer})())
+    source.check_lengths(tokenizer, cfg.seq_len - r.max_new_tokens)
+    prov = {"tokenizer_sha256": tokenizer_sha256(tokenizer)}  # checked on resume, as training's
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     state, data_index, base_ref = initial_state(tcfg, trainer, ckpt, prov, run_dir, True)
     run_dir.mkdir(parents=True, exist_ok=True)
