@@ -147,8 +147,7 @@ class DataConfig:
     cache_dir: str = ""  # "" = $LMSYS_CACHE_DIR or ~/.cache/lmsys
     shuffle: bool = True
     # "text": documents, loss on every token; "chat": JSONL with `messages` ([{role, content}])
-    # rendered with the tokenizer's chat template, loss on assistant tokens only; "preference":
-    # DPO pairs; "prompts": `lmsys rl` prompts (a JSONL, or "arithmetic": the built-in task).
+    # rendered with the tokenizer's chat template, loss on assistant tokens only (README: all formats).
     format: str = "text"
     # Resuming refuses data that differ from what the checkpoint was trained on (its data_index
     # would point at other samples); true: continue on the changed data from data_index.
@@ -206,9 +205,7 @@ class DpoConfig:
 
 
 @dataclass
-class RlConfig:
-    """GRPO from rewards (`lmsys rl`, lmsys.rl.loop; lmsys.train.grpo), with data.format=prompts."""
-
+class RlConfig:  # GRPO from rewards (`lmsys rl`, lmsys.rl.loop; lmsys.train.grpo), data.format=prompts
     group_size: int = 8  # samples per prompt (G)
     prompts_per_step: int = 8  # prompts per rollout; batch_size = prompts_per_step x group_size
     temperature: float = 1.0  # sampling; the loss uses the model's own (temperature 1) log-probs
@@ -217,8 +214,7 @@ class RlConfig:
     updates_per_rollout: int = 1  # optimizer steps on each rollout batch (GRPO's mu)
     clip_eps: float = 0.2  # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]
     kl_beta: float = 0.0  # weight of the k3 KL estimate to the frozen reference; 0 = no reference
-    # module:function, called as function(prompts, completions, **columns) -> list[float], or a
-    # built-in: exact_match (column `answer`), regex (column `pattern`), python_parses
+    # module:function (prompts, completions, **columns) -> list[float]; or exact_match, regex, python_parses
     reward: str = "exact_match"
     reward_pattern: str = ""  # the regex of reward=regex when rows carry no `pattern`
     prompt_field: str = "prompt"  # the JSONL column holding the prompt text

@@ -193,7 +193,8 @@ def test_lora_run_with_kl_serves_merged_weights(arith_run, tmp_path):
     its log-probs still equal the trainer's (unmerged) forward within 1e-5."""
     cfg = arith_config(tmp_path / "lora", steps=3, init_from=str(arith_run[0] / "sft"),
                        lora={"rank": 4, "alpha": 8.0, "targets": "all"})
-    cfg = dataclasses.replace(cfg, model=ModelConfig(), rl=dataclasses.replace(cfg.rl, sft_steps=0, kl_beta=0.1, updates_per_rollout=1))
+    cfg = dataclasses.replace(cfg, model=ModelConfig(),
+                              rl=dataclasses.replace(cfg.rl, sft_steps=0, kl_beta=0.1, updates_per_rollout=1))
     history = rl(cfg, devices=jax.devices()[:1], progress=False)
     assert history[0]["kl"] == 0.0 and history[1]["kl"] > 0 and history[2]["kl"] > 0
     assert all(h["logprob_diff_max"] < 1e-5 and h["grad_norm"] > 0 for h in history), history

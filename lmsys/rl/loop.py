@@ -191,7 +191,8 @@ def _rl(cfg: Config, devices, progress: bool, stop_at: int | None) -> list[dict]
     run_dir = Path(cfg.run_dir)
     source = PromptSource(cfg)
     reward_fn = load_reward(cfg)
-    tcfg = dataclasses.replace(cfg, batch_size=r.prompts_per_step * r.group_size, steps=cfg.steps * r.updates_per_rollout)
+    tcfg = dataclasses.replace(cfg, batch_size=r.prompts_per_step * r.group_size,
+                               steps=cfg.steps * r.updates_per_rollout)
     trainer = GrpoTrainer(tcfg, Rules(build_mesh(cfg.mesh, devices)))
     from lmsys.data import tokenizer_for
     from lmsys.data.tokenizer import tokenizer_sha256
@@ -251,7 +252,8 @@ def _rl(cfg: Config, devices, progress: bool, stop_at: int | None) -> list[dict]
                           "logprob_diff": float(diff.mean()) if diff.size else 0.0,
                           "logprob_diff_max": float(diff.max()) if diff.size else 0.0,
                           "rollout_tokens_per_second": generated / t_rollout,
-                          "train_tokens_per_second": float(host["segment_ids"].sum()) * r.updates_per_rollout / t_update,
+                          "train_tokens_per_second":
+                              float(host["segment_ids"].sum()) * r.updates_per_rollout / t_update,
                           "rollout_s": t_rollout, "update_s": t_update, "handover_s": handover_s}
                 history.append(record)
                 for sink in (writer, tracker):
