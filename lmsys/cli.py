@@ -1,6 +1,7 @@
 """The `lmsys` command line.
 
     lmsys train CONFIG.yaml [key=value ...]
+    lmsys rl CONFIG.yaml [key=value ...]          # GRPO from rewards (recipes/configs/grpo*.yaml)
     lmsys eval MODEL --source PATHS | --tasks TASKS [--register]
     lmsys generate RUN_DIR --prompt "def fib(" --max-tokens 64 --temperature 0
     lmsys serve RUN_DIR --port 8000 [--api-key KEY | --api-keys FILE] [--max-queue 256]
@@ -42,6 +43,21 @@ def _train(args) -> int:
         from lmsys.eval.runner import greedy_sample
 
         print(f"greedy sample: {cfg.eval.sample}{greedy_sample(cfg.run_dir, cfg.eval.sample)}", flush=True)
+    return 0
+
+
+def _rl(args) -> int:
+    from lmsys.config import load_config
+    from lmsys.rl.loop import rl
+
+    cfg = load_config(args.config, args.overrides)
+    history = rl(cfg, progress=not args.no_progress)
+    if history:
+        first, last = history[0], history[-1]
+        print(f"step {last['step']}: reward_mean {first['reward_mean']:.3f} (step {first['step']}) -> "
+              f"{last['reward_mean']:.3f}; run dir {cfg.run_dir}")
+    else:
+        print(f"nothing to do: {cfg.run_dir} is already at step {cfg.steps}")
     return 0
 
 
@@ -261,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("rl", help="GRPO from rewards, sampling with the serving engine in this process; "
+                                  "re-run the same command to resume")
+    p.add_argument("config", help="a YAML config file, e.g. recipes/configs/grpo-arith.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.reward=my_rewards:score")
+    p.add_argument("--no-progress", action="store_true", help="no per-step line")
+    p.set_defaults(func=_rl)
+
     p = sub.add_parser("generate", help="generate text from a trained run directory")
     _engine_flags(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
@@ -372,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmsys {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resume = "; re-run the same command to resume from the last checkpoint" if args.command == "train" else ""
+        resume = "; re-run the same command to resume from the last checkpoint" if args.command in ("train", "rl") else ""
         print(f"lmsys {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 

@@ -151,7 +151,7 @@ class DataConfig:
     cache_dir: str = ""  # "" = $LMSYS_CACHE_DIR or ~/.cache/lmsys
     shuffle: bool = True
     # "text": documents, loss on every token; "chat": JSONL with `messages` ([{role, content}])
-    # rendered with the tokenizer's chat template, loss on assistant tokens only.
+    # rendered with the tokenizer's chat template, loss on assistant tokens only (README: all formats).
     format: str = "text"
     # Resuming refuses data that differ from what the checkpoint was trained on (its data_index
     # would point at other samples); true: continue on the changed data from data_index.
@@ -209,6 +209,25 @@ class DpoConfig:
 
 
 @dataclass
+class RlConfig:  # GRPO from rewards (`lmsys rl`, lmsys.rl.loop; lmsys.train.grpo), data.format=prompts
+    group_size: int = 8  # samples per prompt (G)
+    prompts_per_step: int = 8  # prompts per rollout; batch_size = prompts_per_step x group_size
+    temperature: float = 1.0  # sampling; the loss uses the model's own (temperature 1) log-probs
+    top_p: float = 1.0
+    max_new_tokens: int = 16  # per completion; prompt + completion must fit in seq_len
+    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (GRPO's mu)
+    clip_eps: float = 0.2  # the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    kl_beta: float = 0.0  # weight of the k3 KL estimate to the frozen reference; 0 = no reference
+    # module:function (prompts, completions, **columns) -> list[float]; or exact_match, regex, python_parses
+    reward: str = "exact_match"
+    reward_pattern: str = ""  # the regex of reward=regex when rows carry no `pattern`
+    prompt_field: str = "prompt"  # the JSONL column holding the prompt text
+    sft_steps: int = 0  # data.source=arithmetic without init_from: supervised warm-start steps first
+    sft_lr: float = 3e-3  # the warm start's peak learning rate (optimizer.lr is the RL updates')
+    engine_tensor: int = 1  # the rollout engine's tensor-parallel size (its mesh: the first devices)
+
+
+@dataclass
 class ProfileConfig:
     """A JAX profiler trace of a few training steps (lmsys.train.profile), for TensorBoard's
     profile plugin or Perfetto: steps start_step .. start_step + steps - 1 (as numbered in
@@ -232,6 +251,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     steps: int = 100
     batch_size: int = 8  # global, in sequences per step
@@ -259,7 +279,7 @@ SEQUENCE_METHODS = ("ring", "allgather")
 REMAT_POLICIES = ("none", "full", "selective")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
-DATA_FORMATS = ("text", "chat", "preference")
+DATA_FORMATS = ("text", "chat", "preference", "prompts")
 
 
 # ----------------------------------------------------------------------------- building
@@ -366,7 +386,7 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
     from lmsys.config_checks import (check_dpo, check_family, check_lora, check_moe, check_pipeline,
-                                     check_profile, check_sequence, check_tensor)
+                                     check_profile, check_rl, check_sequence, check_tensor)
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -422,7 +442,8 @@ def validate(cfg: Config) -> None:
     check_key(bool(cfg.data.source), "data.source", cfg.data.source, "must be 'builtin' or paths")
     check_key(cfg.data.format in DATA_FORMATS, "data.format", cfg.data.format,
               f"must be one of {', '.join(DATA_FORMATS)}")
-    check_key(cfg.data.format == "text" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from),
+    check_key(cfg.data.format == "text" or cfg.data.tokenizer != "builtin" or bool(cfg.init_from)
+              or cfg.data.source == "arithmetic",  # the built-in task brings its own tokenizer
               "data.tokenizer", cfg.data.tokenizer,
               f"data.format={cfg.data.format} needs the model's tokenizer: set init_from=MODEL_DIR or "
               f"data.tokenizer=PATH")
@@ -458,6 +479,7 @@ def validate(cfg: Config) -> None:
     check_eval(cfg)
     check_lora(cfg)
     check_dpo(cfg)
+    check_rl(cfg)
     check_profile(cfg)
 
 

@@ -122,6 +122,30 @@ def check_dpo(cfg: Config) -> None:
               "DPO on a mixture-of-experts model is not supported (its router losses); use a dense model")
 
 
+def check_rl(cfg: Config) -> None:
+    """The rl.* keys (`lmsys rl`, data.format=prompts)."""
+    r = cfg.rl
+    check_key(r.group_size >= 2, "rl.group_size", r.group_size,
+              "must be >= 2 (advantages are normalized within each prompt's group)")
+    for key in ("prompts_per_step", "max_new_tokens", "updates_per_rollout", "engine_tensor"):
+        check_key(getattr(r, key) >= 1, f"rl.{key}", getattr(r, key), "must be >= 1")
+    check_key(r.temperature > 0 and math.isfinite(r.temperature), "rl.temperature", r.temperature,
+              "must be a positive number (GRPO needs samples, not the greedy answer)")
+    check_key(0 < r.top_p <= 1, "rl.top_p", r.top_p, "must be in (0, 1]")
+    check_key(0 < r.clip_eps < 1, "rl.clip_eps", r.clip_eps, "must be in (0, 1)")
+    check_key(r.kl_beta >= 0, "rl.kl_beta", r.kl_beta, "must be >= 0 (0 = no KL term)")
+    check_key(r.sft_steps >= 0, "rl.sft_steps", r.sft_steps, "must be >= 0")
+    check_key(r.sft_lr > 0, "rl.sft_lr", r.sft_lr, "must be positive")
+    check_key(":" in r.reward or r.reward in ("exact_match", "regex", "python_parses"), "rl.reward", r.reward,
+              "must be exact_match, regex, python_parses or module:function")
+    if cfg.data.format != "prompts":
+        return
+    check_key(r.max_new_tokens < cfg.seq_len, "rl.max_new_tokens", r.max_new_tokens,
+              f"must be below seq_len ({cfg.seq_len}), which holds prompt + completion")
+    check_key(cfg.grad_accum == 1 and not cfg.model.n_experts and cfg.loss_chunk == 0, "data.format",
+              cfg.data.format, "GRPO (data.format=prompts) runs with grad_accum=1, loss_chunk=0 on a dense model")
+
+
 def check_lora(cfg: Config) -> None:
     """The lora.* keys (with lora.rank > 0)."""
     from lmsys.models.lora import TARGETS, target_names

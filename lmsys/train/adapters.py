@@ -22,14 +22,22 @@ from lmsys.models import llama, lora
 from lmsys.models.common import ParamSpec
 
 
-# params outside the model's tree that are frozen: DPO's reference for full fine-tuning
+# params outside the model's tree that are frozen: the reference of DPO or of GRPO's KL term for
+# full fine-tuning
 FROZEN_KEYS = ("dpo_reference",)
 
 
+def reference_copy(cfg: Config) -> bool:
+    """Whether a full fine-tune keeps a frozen copy of its starting weights as the reference
+    (DPO; GRPO with rl.kl_beta > 0); with LoRA the reference is the base, adapters off."""
+    return not cfg.lora.rank and (cfg.data.format == "preference"
+                                  or (cfg.data.format == "prompts" and cfg.rl.kl_beta > 0))
+
+
 def has_frozen(cfg: Config) -> bool:
-    """Whether a run's params have a frozen part (the LoRA base, DPO's reference copy), which
+    """Whether a run's params have a frozen part (the LoRA base, the reference copy), which
     checkpoints leave out and a resume loads again from init_from (or the seed's init)."""
-    return bool(cfg.lora.rank) or cfg.data.format == "preference"
+    return bool(cfg.lora.rank) or reference_copy(cfg)
 
 
 def param_specs(cfg: Config) -> dict:
@@ -38,7 +46,7 @@ def param_specs(cfg: Config) -> dict:
     specs = llama.param_specs(cfg.model)
     if cfg.lora.rank:
         specs = lora.with_adapters(specs, lora.param_specs(specs["layers"], cfg.lora))
-    elif cfg.data.format == "preference":
+    elif reference_copy(cfg):
         specs = {**specs, "dpo_reference": llama.param_specs(cfg.model)}
     return specs
 
@@ -77,7 +85,7 @@ def init_params(cfg: Config, seed: int, base: dict | None = None) -> dict:
     else:
         base = jax.tree.map(lambda x: x.astype(jnp.float32), base)
     if not cfg.lora.rank:
-        return {**base, "dpo_reference": base} if cfg.data.format == "preference" else base
+        return {**base, "dpo_reference": base} if reference_copy(cfg) else base
     if cfg.lora.base_quantize:  # the frozen matrices int8/fp8 (qwix QArrays), dequantized per layer
         from lmsys.models.quantize import quantize_params
 

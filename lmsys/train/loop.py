@@ -193,6 +193,34 @@ def _with_tokenizer(cfg: Config, spec: str) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
 
 
+def initial_state(cfg: Config, trainer: Trainer, ckpt: Checkpointer, data_provenance: dict, run_dir,
+                  lead: bool):
+    """(state, data_index, base reference or None) a run starts from: its newest checkpoint
+    (resumed, with the frozen base / reference loaded again), else init_from's weights, else the
+    seed's random init."""
+    base = base_ref = None
+    if has_frozen(cfg):  # the LoRA base / DPO reference: init_from's weights or the seed's init
+        from lmsys.train.adapters import base_reference, load_base
+
+        base, base_step = load_base(cfg, trainer.base_shardings, trainer.rules)
+        base_ref = base_reference(cfg, base_step)
+    if ckpt.latest_step() is not None:
+        state, meta = resume(ckpt, trainer.abstract_checkpoint, cfg, data_provenance, run_dir, lead, base_ref)
+        if base is not None:
+            state = trainer.with_frozen(state, _state_from_params(trainer, base)["params"])
+        data_index = int(meta["data_index"])
+        if lead:
+            print(f"resuming {run_dir} from step {meta['step']}", flush=True)
+    elif cfg.init_from:
+        params = base if base is not None else load_init_params(cfg, trainer)
+        state, data_index = _state_from_params(trainer, params), 0
+        if lead:
+            print(f"initialized {run_dir} from {cfg.init_from}", flush=True)
+    else:
+        state, data_index = trainer.init(cfg.seed), 0
+    return state, data_index, base_ref
+
+
 def global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int) -> dict:
     """Assembles each process's rows into global arrays split over the mesh's batch axes."""
     out = {}
@@ -211,6 +239,11 @@ def train(cfg: Config, *, devices: Sequence[jax.Device] | None = None, progress:
       learning-rate schedule still spans `cfg.steps`, so pieces add up to one whole run.
     Returns the metrics logged by this call (one dict per logged step). The run holds its
     run_dir's lock meanwhile (lmsys.train.run_dir.RunDirLock): a second run on it fails at once."""
+    if cfg.data.format == "prompts":
+        from lmsys.config import ConfigError
+
+        raise ConfigError("config key 'data.format' = 'prompts': prompts are sampled and rewarded by "
+                          "`lmsys rl` (GRPO), not trained on; run lmsys rl CONFIG")
     joined_by = initialize_distributed(cfg.distributed)
     with RunDirLock(path_or_url(cfg.run_dir), active=jax.process_index() == 0):
         return _train(cfg, joined_by, devices, progress, dataset, stop_at)
@@ -232,27 +265,7 @@ def _train(cfg: Config, joined_by: str, devices, progress: bool, dataset, stop_a
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
-    base = base_ref = None
-    if has_frozen(cfg):  # the LoRA base / DPO reference: init_from's weights or the seed's init
-        from lmsys.train.adapters import base_reference, load_base
-
-        base, base_step = load_base(cfg, trainer.base_shardings, rules)
-        base_ref = base_reference(cfg, base_step)
-    if ckpt.latest_step() is not None:
-        state, meta = resume(ckpt, trainer.abstract_checkpoint, cfg, data_provenance, run_dir, lead, base_ref)
-        if base is not None:
-            state = trainer.with_frozen(state, _state_from_params(trainer, base)["params"])
-        data_index = int(meta["data_index"])
-        if lead:
-            print(f"resuming {run_dir} from step {meta['step']}", flush=True)
-    elif cfg.init_from:
-        params = base if base is not None else load_init_params(cfg, trainer)
-        state, data_index = _state_from_params(trainer, params), 0
-        if lead:
-            print(f"initialized {run_dir} from {cfg.init_from}", flush=True)
-    else:
-        state, data_index = trainer.init(cfg.seed), 0
-    del base
+    state, data_index, base_ref = initial_state(cfg, trainer, ckpt, data_provenance, run_dir, lead)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
