@@ -154,3 +154,32 @@ def test_16_requests_sharing_a_prefix_give_the_same_numbers_with_the_cache(setup
     reqs = engine.generate(prompts, GenerationOptions(max_tokens=8))
     assert engine.stats["prefix_cache_hit_tokens"] >= 15 * 48
     assert sum(not _check_greedy(setup, r, 8) for r in reqs) <= 1
+
+
+def test_cache_salt_over_http_keeps_caches_apart(setup):
+    """`cache_salt` (vLLM's field) on completions and chat: a prompt sent again with the same salt
+    takes its cached pages, with another salt (or none) it is computed again; an empty or
+    non-string salt is a 400 naming the field."""
+    import httpx
+
+    from lmsys.serve.server import BackgroundServer, create_app
+
+    engine = _engine(setup, max_slots=4, page_size=8, max_seq_len=64, batch_invariant=True)  # one shape
+    prompt = _prompts(1, 32, 40, 41)[0]  # 40 tokens: 4 full pages before the last token
+    messages = [{"role": "user", "content": "def return import class self value None for in if " * 2}]
+    with BackgroundServer(create_app(engine, "tiny", engine.tokenizer)) as server:
+        def hits(path, body):
+            before = engine.stats["prefix_cache_hit_tokens"]
+            r = httpx.post(f"{server.url}/v1/{path}", json={"model": "tiny", "max_tokens": 2, **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            return engine.stats["prefix_cache_hit_tokens"] - before
+
+        for path, body in (("completions", {"prompt": prompt}), ("chat/completions", {"messages": messages})):
+            assert hits(path, {**body, "cache_salt": "alice"}) == 0
+            assert hits(path, {**body, "cache_salt": "alice"}) >= 32  # its full pages
+            assert hits(path, {**body, "cache_salt": "bob"}) == 0
+            assert hits(path, body) == 0  # no salt: apart from both
+            assert hits(path, {**body, "cache_salt": "bob"}) >= 32
+        for bad in ("", 7):
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "cache_salt": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
