@@ -160,9 +160,10 @@ def test_speculation_on_a_data_and_tensor_parallel_mesh_matches_one_device(setup
 @pytest.mark.parametrize("spec", ["ngram", "draft"])
 def test_speculation_compiles_only_at_warmup(setup, draft, spec):
     """Verification calls (and a draft model's prefill and draft calls) are compiled per bucket
-    by `warmup()`; steps with and without drafts, greedy and sampled, then compile nothing."""
+    by `warmup()`; steps with and without drafts, greedy and sampled, then compile nothing (the
+    draft model in batch-invariant mode: one shape of each call, the test's time bounded)."""
     engine = _engine(setup, max_slots=2, max_seq_len=48, speculative=spec, num_speculative_tokens=3,
-                     draft=draft if spec == "draft" else None)
+                     batch_invariant=spec == "draft", draft=draft if spec == "draft" else None)
     with _after_warmup(engine):
         reqs = [engine.add_request(p, GenerationOptions(max_tokens=10, temperature=float(i), seed=i))
                 for i, p in enumerate(_copy_prompts(3, 42))]

@@ -154,7 +154,12 @@ def draft_token(logits_BV, sampling: SamplingParams, j):
         sampled = order_V[argmax(sorted_V + jax.random.gumbel(key, sorted_V.shape, jnp.float32))]
         return jnp.where(temperature > 0, sampled, argmax(logits_V)).astype(jnp.int32), q_V
 
-    return jax.vmap(one)(logits_BV.astype(jnp.float32), *sampling)
+    def greedy(logits_BV):  # no row samples: no sort over the vocabulary (q is not read)
+        return argmax(logits_BV).astype(jnp.int32), jnp.zeros_like(logits_BV)
+
+    logits_BV = logits_BV.astype(jnp.float32)
+    return jax.lax.cond(jnp.all(sampling.temperature <= 0), greedy,
+                        lambda x: jax.vmap(one)(x, *sampling), logits_BV)
 
 
 # ---------------------------------------------------------------------- the engine's driving
