@@ -54,7 +54,8 @@ mode); a draft model runs beside the target on its own pool (`lmsys.serve.draft`
 
 Shapes are padded to the scheduler's buckets, so the compilations are exactly
 `len(prefill_buckets) + len(decode_buckets)` (plus `len(decode_buckets)` verification calls
-with speculation), all done by `warmup()`. In batch-invariant mode
+with speculation; a draft model's prefill and draft calls: one more per bucket of each), all
+done by `warmup()`. In batch-invariant mode
 there is one bucket of each, so every call has one shape whatever runs beside a request, and a
 request's chunks are always the same slices of its prompt: its numbers never depend on what
 else is running.
