@@ -73,7 +73,15 @@ def _engine(args, max_slots: int, batch_invariant: bool = False, fine_prefill_wi
                           f"{args.data_parallel} (each group serves max-slots / data-parallel slots)")
     if args.num_speculative_tokens < 1:
         raise ConfigError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if (args.speculative == "draft") != bool(args.draft_model):
+        raise ConfigError("--speculative draft goes with --draft-model PATH (a smaller model of the same tokenizer)")
     model = load_model(args.model)
+    draft = None
+    if args.draft_model:
+        from lmsys.serve.draft import DraftModel
+
+        small = load_model(args.draft_model)
+        draft = DraftModel(small.params, small.config.model, small.tokenizer)
     config = EngineConfig(max_slots=max_slots, page_size=args.page_size, num_pages=args.num_pages,
                           max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
                           prefill_tokens=args.prefill_tokens,
@@ -88,7 +96,7 @@ def _engine(args, max_slots: int, batch_invariant: bool = False, fine_prefill_wi
 
         bank = adapter_bank(args.lora, args.max_loras, model.config.model)
     return model, Engine(model.params, model.config.model, model.tokenizer, config, rules=rules,
-                         eos_token_id=model.eos_token_id, adapters=bank)
+                         eos_token_id=model.eos_token_id, adapters=bank, draft=draft)
 
 
 def _serving_rules(data: int, tensor: int):
@@ -225,9 +233,13 @@ def _engine_flags(p) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="recompute every prompt (default: reuse the KV pages of prompt prefixes "
                         "seen before, kept until the pool needs them)")
-    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+    p.add_argument("--speculative", default="none", choices=["none", "ngram", "draft"],
                    help="speculative decoding: ngram drafts tokens by prompt lookup (what followed "
-                        "the last tokens earlier in the context) and verifies them in one call")
+                        "the last tokens earlier in the context), draft by a smaller model "
+                        "(--draft-model); the served model verifies them in one call")
+    p.add_argument("--draft-model", default="",
+                   help="with --speculative draft: the draft model (a run directory, models:/ "
+                        "reference or Hugging Face directory, as MODEL) of the same tokenizer")
     p.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="drafted tokens per request and step at most (with --speculative)")
     p.add_argument("--tensor-parallel", type=int, default=1,

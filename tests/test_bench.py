@@ -51,8 +51,8 @@ def test_attention_bench_runs_and_checks_every_side(capsys):
 
 def test_serve_bench_reuse_workloads_run_side_by_side(capsys):
     """A tiny CPU pass of `python -m lmsys.bench.serve --workload shared-prefix|copy`: the cached
-    side prefills the shared prompt once and both sides give the same greedy tokens; ngram
-    speculation accepts drafts and gives the tokens of plain decoding."""
+    side prefills the shared prompt once and both sides give the same greedy tokens; ngram and
+    draft-model speculation accept drafts and give the tokens of plain decoding."""
     import lmsys.bench.serve
 
     small = ["--preset", "tiny", "--set", "model.n_layers=1", "--set", "model.vocab_size=512",
@@ -63,7 +63,8 @@ def test_serve_bench_reuse_workloads_run_side_by_side(capsys):
     assert a["prefix_cache"]["outputs"] == a["no_prefix_cache"]["outputs"]
     b = lmsys.bench.serve.main(small + ["--workload", "copy", "--prompt-len", "12"])
     for batch in (1, 8):
-        assert b[("ngram", batch)]["outputs"] == b[("none", batch)]["outputs"]
-        assert b[("ngram", batch)]["acceptance"] > 0 and b[("ngram", batch)]["tokens_per_step"] > 1
+        for spec in ("ngram", "draft"):
+            assert b[(spec, batch)]["outputs"] == b[("none", batch)]["outputs"]
+            assert b[(spec, batch)]["acceptance"] > 0 and b[(spec, batch)]["tokens_per_step"] > 1
     out = capsys.readouterr().out
     assert "TTFT p50" in out and "ngram/plain throughput" in out

@@ -46,8 +46,8 @@ def _engine(setup, model=None, **kw):
     cfg, params, tok, _ = setup
     config = dict(max_slots=16, page_size=8, max_seq_len=96, prefill_chunk=16)
     config.update(kw)
-    rules = config.pop("rules", None)
-    return Engine(params, model or cfg, tok, EngineConfig(**config), rules=rules)
+    rules, draft = config.pop("rules", None), config.pop("draft", None)
+    return Engine(params, model or cfg, tok, EngineConfig(**config), rules=rules, draft=draft)
 
 
 def _check_greedy(setup, req, n_tokens):
@@ -103,10 +103,12 @@ def _run_staggered(engine, prompts, max_tokens, each_step=lambda: None):
 
 @contextlib.contextmanager
 def _after_warmup(engine):
-    """`warmup()` compiles every bucket (decode and, with speculation, verification); nothing is
-    traced or compiled inside the block."""
-    verify = engine.cfg.speculative != "none"
-    assert engine.warmup(progress=False) == len(engine.prefill_buckets) + (1 + verify) * len(engine.decode_buckets)
+    """`warmup()` compiles every bucket (decode and, with speculation, verification and the draft
+    model's calls); nothing is traced or compiled inside the block."""
+    P, D = len(engine.prefill_buckets), len(engine.decode_buckets)
+    # speculation adds a verification call per decode bucket; a draft model, its prefill and draft calls
+    extra = {"none": 0, "ngram": D, "draft": P + 2 * D}[engine.cfg.speculative]
+    assert engine.warmup(progress=False) == P + D + extra
     compiles = []
 
     def on_event(event, _secs, **_):

@@ -322,6 +322,12 @@ def test_convert_and_generate(tmp_path, capsys):
                  "--max-seq-len", "32", "--num-pages", "8", "--data-parallel", "2",
                  "--tensor-parallel", "2"]) == 0
     assert capsys.readouterr().out == texts[0]
+    # speculative decoding with a draft model (the HF directory of the same model): the same text
+    assert main(["generate", str(out), "--prompt", "def return", "--max-tokens", "4", "--max-seq-len", "32",
+                 "--num-pages", "8", "--speculative", "draft", "--draft-model", str(tmp_path / "hf")]) == 0
+    assert capsys.readouterr().out == texts[0]
+    assert main(["generate", str(out), "--prompt", "x", "--speculative", "draft"]) == 2
+    assert "--speculative draft goes with --draft-model" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "x", "--data-parallel", "4",
                  "--tensor-parallel", "4"]) == 2
     assert "needs 16 devices; this machine has 8" in capsys.readouterr().err

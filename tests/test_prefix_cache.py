@@ -108,6 +108,48 @@ def test_a_shared_prompt_is_prefilled_once_and_salts_never_share():
     assert page_hashes(prefix, 4, "a")[1:] == page_hashes(prefix, 4, "a", start=1, prev=salted[0][0])
 
 
+def test_data_parallel_admission_goes_to_the_shard_caching_the_prompt():
+    """2 data shards, prefix A cached on shard 0 and B on shard 1: 16 requests sharing B, one
+    arriving per iteration, all go to shard 1 and take B from its cache (the load rule alone
+    would send some to the idler shard 0, which would compute B again); 16 sharing A arriving at
+    once fill shard 0's 8 slots with cache hits, and the other 8 go to shard 1, which computes A
+    once for them."""
+    sched = Scheduler(num_pages=128, num_shards=2, max_slots=16, page_size=4, max_seq_len=64, prefill_chunk=8)
+    model = FakeModel(sched)
+    a, b = list(range(1, 22)), list(range(100, 121))  # 21 tokens each: 5 full pages before the last
+    warm = [Request(i, p, GenerationOptions(max_tokens=1), arrival=float(i)) for i, p in enumerate((a, b))]
+    for r in warm:  # the load rule: a to shard 0, b to shard 1
+        sched.add(r)
+    while sched.has_work():
+        model.iteration()
+    assert [r.shard for r in warm] == [0, 1]
+    stats0 = dict(sched.stats)
+    reqs = [Request(10 + i, b + [200 + i, 300 + i], GenerationOptions(max_tokens=3), arrival=10.0 + i)
+            for i in range(16)]
+    busy = 0  # requests running at once (on shard 1, while shard 0 idles)
+    for r in reqs:
+        sched.add(r)
+        model.iteration()
+        busy = max(busy, len(sched.running))
+    while sched.has_work():
+        model.iteration()
+    assert busy > 1 and [r.shard for r in reqs] == [1] * 16
+    assert sched.stats["prefix_cache_hit_tokens"] - stats0["prefix_cache_hit_tokens"] == 16 * 20
+    assert sched.stats["prefilled_tokens"] - stats0["prefilled_tokens"] == 16 * 2  # tokens 20, 21 of each
+
+    stats0 = dict(sched.stats)
+    reqs = [Request(30 + i, a + [200 + i, 300 + i], GenerationOptions(max_tokens=3), arrival=30.0)
+            for i in range(16)]
+    for r in reqs:
+        sched.add(r)
+    while sched.has_work():
+        model.iteration()
+    assert [r.shard for r in reqs] == [0] * 8 + [1] * 8
+    # shard 0: 8 hits; shard 1: A computed once (its 20 tokens), then 7 hits
+    assert sched.stats["prefix_cache_hit_tokens"] - stats0["prefix_cache_hit_tokens"] == 15 * 20
+    assert sched.stats["prefilled_tokens"] - stats0["prefilled_tokens"] == 20 + 16 * 2
+
+
 def test_idle_cached_pages_are_evicted_least_recently_released_first():
     pool = CachingPagePool(num_pages=4)
     a, b = pool.allocate(2), pool.allocate(2)
@@ -154,3 +196,32 @@ def test_16_requests_sharing_a_prefix_give_the_same_numbers_with_the_cache(setup
     reqs = engine.generate(prompts, GenerationOptions(max_tokens=8))
     assert engine.stats["prefix_cache_hit_tokens"] >= 15 * 48
     assert sum(not _check_greedy(setup, r, 8) for r in reqs) <= 1
+
+
+def test_cache_salt_over_http_keeps_caches_apart(setup):
+    """`cache_salt` (vLLM's field) on completions and chat: a prompt sent again with the same salt
+    takes its cached pages, with another salt (or none) it is computed again; an empty or
+    non-string salt is a 400 naming the field."""
+    import httpx
+
+    from lmsys.serve.server import BackgroundServer, create_app
+
+    engine = _engine(setup, max_slots=4, page_size=8, max_seq_len=64, batch_invariant=True)  # one shape
+    prompt = _prompts(1, 32, 40, 41)[0]  # 40 tokens: 4 full pages before the last token
+    messages = [{"role": "user", "content": "def return import class self value None for in if " * 2}]
+    with BackgroundServer(create_app(engine, "tiny", engine.tokenizer)) as server:
+        def hits(path, body):
+            before = engine.stats["prefix_cache_hit_tokens"]
+            r = httpx.post(f"{server.url}/v1/{path}", json={"model": "tiny", "max_tokens": 2, **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            return engine.stats["prefix_cache_hit_tokens"] - before
+
+        for path, body in (("completions", {"prompt": prompt}), ("chat/completions", {"messages": messages})):
+            assert hits(path, {**body, "cache_salt": "alice"}) == 0
+            assert hits(path, {**body, "cache_salt": "alice"}) >= 32  # its full pages
+            assert hits(path, {**body, "cache_salt": "bob"}) == 0
+            assert hits(path, body) == 0  # no salt: apart from both
+            assert hits(path, {**body, "cache_salt": "bob"}) >= 32
+        for bad in ("", 7):
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "cache_salt": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text

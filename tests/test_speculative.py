@@ -1,6 +1,9 @@
 """Speculative decoding: the ngram proposer; the acceptance rule's output distribution (chi-square
-against the target's, and not the draft's); greedy speculation in the engine gives the tokens of
-plain decoding, with stop strings, max_tokens and log-probs."""
+against the target's, and not the draft's), also with a real draft model in the engine; greedy
+speculation (ngram and a draft model) in the engine gives the tokens of plain decoding, with stop
+strings, max_tokens and log-probs."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,8 @@ import numpy as np
 import pytest
 
 from test_engine import _after_warmup, _engine, _mesh_rules, _prompts, setup  # noqa: F401 - the engine fixture
+from lmsys.models import llama
+from lmsys.serve.draft import DraftModel
 from lmsys.serve.sampling import sampling_params
 from lmsys.serve.scheduler import GenerationOptions
 from lmsys.serve.speculative import accept_drafts, propose_ngram
@@ -71,6 +76,14 @@ def test_sampled_rows_keep_the_target_distribution(draft):
         assert abs((a >= 1).mean() - p[0, drafts[0, 0]]) < 0.02
 
 
+@pytest.fixture(scope="module")
+def draft(setup):
+    """A draft model: one layer instead of two, its own random weights, the target's tokenizer."""
+    cfg, _, tok, _ = setup
+    small = dataclasses.replace(cfg, n_layers=1)
+    return DraftModel(jax.device_put(llama.init(jax.random.key(1), small), jax.devices()[0]), small, tok)
+
+
 def _copy_prompts(n, seed):
     """Prompts that repeat a span, so greedy answers (of a random model) loop and ngram drafts
     get accepted."""
@@ -80,28 +93,33 @@ def _copy_prompts(n, seed):
     return out
 
 
-def test_greedy_speculation_gives_the_tokens_of_plain_decoding(setup):
-    """16 concurrent requests, batch-invariant mode: the tokens of plain decoding with fewer
-    steps, max_tokens, the target's log-probs; stop strings met inside an accepted run."""
+def test_greedy_speculation_gives_the_tokens_of_plain_decoding(setup, draft):
+    """16 concurrent requests, batch-invariant mode, ngram and a draft model: the tokens of plain
+    decoding with fewer steps, max_tokens, the target's log-probs; stop strings met inside an
+    accepted run."""
     prompts = _copy_prompts(16, 40)
     opts = [GenerationOptions(max_tokens=20 + i % 5, logprobs=1 if i % 4 == 0 else None) for i in range(16)]
     runs = []
-    for spec in ("none", "ngram"):
-        engine = _engine(setup, batch_invariant=True, speculative=spec, num_speculative_tokens=4)
+    for spec in ("none", "ngram", "draft"):
+        engine = _engine(setup, batch_invariant=True, speculative=spec, num_speculative_tokens=4,
+                         draft=draft if spec == "draft" else None)
         reqs = [engine.add_request(p, o) for p, o in zip(prompts, opts)]
         while engine.has_work():
             engine.step()
         assert engine.pool.num_used == 0
         runs.append((reqs, dict(engine.stats)))
-    (plain, plain_stats), (spec, stats) = runs
-    assert [r.generated for r in spec] == [r.generated for r in plain]
-    assert all(len(r.generated) == o.max_tokens for r, o in zip(spec, opts))
-    for a, b in zip(spec, plain):
-        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
-        assert [list(t) for t in a.top_logprobs] == [list(t) for t in b.top_logprobs]
-    assert stats["spec_accepted_tokens"] > 0.3 * stats["spec_draft_tokens"] > 0
-    assert stats["decode_steps"] < 0.7 * plain_stats["decode_steps"]
-    assert stats["generated_tokens"] / stats["decode_rows"] > 1.5
+    (plain, plain_stats), *speculated = runs
+    for spec, stats in speculated:
+        assert [r.generated for r in spec] == [r.generated for r in plain]
+        assert all(len(r.generated) == o.max_tokens for r, o in zip(spec, opts))
+        for a, b in zip(spec, plain):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+            assert [list(t) for t in a.top_logprobs] == [list(t) for t in b.top_logprobs]
+        assert stats["spec_accepted_tokens"] > 0.3 * stats["spec_draft_tokens"] > 0
+        assert stats["decode_steps"] < 0.7 * plain_stats["decode_steps"]
+        assert stats["generated_tokens"] / stats["decode_rows"] > 1.5
+    # the draft model is not the target: some of its drafts are rejected
+    assert speculated[1][1]["spec_accepted_tokens"] < speculated[1][1]["spec_draft_tokens"]
 
     # a stop string completed inside a run of accepted drafts ends the text there, as without
     # speculation
@@ -120,13 +138,16 @@ def test_greedy_speculation_gives_the_tokens_of_plain_decoding(setup):
     assert engine.stats["spec_accepted_tokens"] > 0
 
 
-def test_speculation_on_a_data_and_tensor_parallel_mesh_matches_one_device(setup):
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_speculation_on_a_data_and_tensor_parallel_mesh_matches_one_device(setup, draft, spec):
     """Greedy and seeded sampled rows, 2 data shards x 4 tensor devices: the tokens of the
-    single-device engine (the verification call runs per data shard on its own pages)."""
+    single-device engine (the verification and draft calls run per data shard on their own
+    pages; the draft model in batch-invariant mode: one shape of each call to compile)."""
     prompts = _copy_prompts(8, 41)
     outs = []
     for rules in (None, _mesh_rules(2, 4)):
-        engine = _engine(setup, max_slots=4, speculative="ngram", rules=rules)
+        engine = _engine(setup, max_slots=4, speculative=spec, rules=rules, batch_invariant=spec == "draft",
+                         draft=draft if spec == "draft" else None)
         reqs = [engine.add_request(p, GenerationOptions(max_tokens=12, temperature=float(i % 2), seed=i))
                 for i, p in enumerate(prompts)]
         while engine.has_work():
@@ -136,13 +157,75 @@ def test_speculation_on_a_data_and_tensor_parallel_mesh_matches_one_device(setup
     assert outs[1] == outs[0]
 
 
-def test_speculation_compiles_only_at_warmup(setup):
-    """Verification calls are compiled per decode bucket by `warmup()`; steps with and without
-    drafts, greedy and sampled, then compile nothing."""
-    engine = _engine(setup, max_slots=2, max_seq_len=48, speculative="ngram", num_speculative_tokens=3)
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_speculation_compiles_only_at_warmup(setup, draft, spec):
+    """Verification calls (and a draft model's prefill and draft calls) are compiled per bucket
+    by `warmup()`; steps with and without drafts, greedy and sampled, then compile nothing (the
+    draft model in batch-invariant mode: one shape of each call, the test's time bounded)."""
+    engine = _engine(setup, max_slots=2, max_seq_len=48, speculative=spec, num_speculative_tokens=3,
+                     batch_invariant=spec == "draft", draft=draft if spec == "draft" else None)
     with _after_warmup(engine):
         reqs = [engine.add_request(p, GenerationOptions(max_tokens=10, temperature=float(i), seed=i))
                 for i, p in enumerate(_copy_prompts(3, 42))]
         while engine.has_work():
             engine.step()
     assert engine.stats["spec_accepted_tokens"] > 0 and all(len(r.generated) == 10 for r in reqs)
+
+
+def test_a_draft_model_keeps_the_target_distribution(setup, draft):
+    """2,000 seeded requests of one prompt through the engine, temperature 0.1 (these random
+    models' logits are flat) and top-k 6, two drafts per step from the draft model: the first
+    token is distributed as the target's p_0 (chi-square below the p = 0.01 critical value, 5
+    degrees of freedom), the second, after the most frequent first, as the target's p_1; the
+    first is not distributed as the draft's own q_0 (chi-square above 1000). (The rule itself is
+    checked on 20,000 rows above; this checks that the engine hands the verification the very
+    distributions its drafts were drawn from.)"""
+    cfg, params, _, forward = setup
+    n, temperature, top_k = 2_000, 0.1, 6
+    prompt = _prompts(1, 44, 6, 7)[0]
+    engine = _engine(setup, draft=draft, speculative="draft", num_speculative_tokens=2, batch_invariant=True,
+                     max_slots=256, max_seq_len=16, page_size=8, prefill_chunk=8, prefill_tokens=1024)
+    reqs = [engine.add_request(prompt, GenerationOptions(max_tokens=3, temperature=temperature, top_k=top_k,
+                                                         seed=i)) for i in range(n)]
+    while engine.has_work():
+        engine.step()
+    tokens = np.array([r.generated for r in reqs])
+    assert engine.stats["spec_accepted_tokens"] > 0.1 * n and engine.pool.num_used == 0
+
+    def filtered(logits):  # the row's sampling distribution: (its top-k tokens, their probs)
+        keep = np.argsort(-logits)[:top_k]
+        e = np.exp((logits[keep] - logits[keep].max()) / temperature)
+        return keep, e / e.sum()
+
+    def check(counts, keep, probs):
+        assert counts[keep].sum() == counts.sum()  # top-k holds
+        assert _chi2(counts[keep], probs) < CHI2_001[5]
+
+    keep0, p0 = filtered(forward(params, np.array([prompt]))[-1])
+    first = np.bincount(tokens[:, 0], minlength=cfg.vocab_size)
+    check(first, keep0, p0)
+    mode = int(np.argmax(first))
+    check(np.bincount(tokens[tokens[:, 0] == mode, 1], minlength=cfg.vocab_size),
+          *filtered(forward(params, np.array([prompt + [mode]]))[-1]))
+    small = draft.model
+    logits_q = llama.forward(draft.params, jnp.array([prompt]), jnp.arange(len(prompt))[None], cfg=small)[0][0, -1]
+    keep_q, q0 = filtered(np.asarray(logits_q))
+    q0_V = np.full(cfg.vocab_size, 1e-9)
+    q0_V[keep_q] = q0
+    assert _chi2(first, q0_V / q0_V.sum()) > 1000
+
+
+def test_a_draft_model_must_share_the_tokenizer(setup, draft):
+    """Another vocabulary size or other tokens: refused, naming the difference."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    cfg, _, tok, _ = setup
+    bigger = dataclasses.replace(draft.model, vocab_size=cfg.vocab_size * 2)
+    with pytest.raises(ValueError, match="vocabulary has 1024 tokens, the served model's 512"):
+        _engine(setup, speculative="draft", draft=draft._replace(model=bigger))
+    other = Tokenizer(WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
+    with pytest.raises(ValueError, match="tokenizer differs from the served model's"):
+        _engine(setup, speculative="draft", draft=draft._replace(tokenizer=other))
+    with pytest.raises(ValueError, match="speculative='draft' goes with a draft model"):
+        _engine(setup, speculative="draft")

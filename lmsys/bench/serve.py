@@ -266,10 +266,13 @@ def main(argv=None) -> dict:
                     help="with --hf: runs per side and load, the sides alternating; the median run "
                          "is reported")
     ap.add_argument("--workload", default="default", choices=["default", "shared-prefix", "copy"],
-                    help="shared-prefix: prefix caching on vs off; copy: ngram speculative decoding "
-                         "vs plain at batch 1 and 8 (lmsys.bench.serve_reuse)")
+                    help="shared-prefix: prefix caching on vs off; copy: ngram and draft-model "
+                         "speculative decoding vs plain at batch 1 and 8 (lmsys.bench.serve_reuse)")
     ap.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix: system prompt tokens")
     ap.add_argument("--num-speculative-tokens", type=int, default=4, help="copy: drafted tokens per step")
+    ap.add_argument("--draft-layers", type=int, default=1,
+                    help="copy: also a draft-model side, the preset with this many layers and its own "
+                         "random weights; 0 = none")
     args = ap.parse_args(argv)
     if args.hf and args.dtype != "float32":
         ap.error("--hf compares in float32 (both sides); drop --dtype")

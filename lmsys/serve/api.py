@@ -9,7 +9,8 @@
                      stream_options (StreamOptions), stop, seed, ignore_eos, and structured
                      output: response_format (ResponseFormat) or guided_json / guided_regex /
                      guided_choice / guided_grammar (vLLM's names); return_hidden_states
-                     (HiddenStatesRequest, an extension)
+                     (HiddenStatesRequest, an extension); cache_salt (vLLM's name: requests
+                     share cached prompt pages only with the same salt)
     Limits           what one request may ask and how many may wait (`lmsys serve` flags)
 
 Bodies are strict ("10" is not an int) and every number is range-checked to what the engine
@@ -191,6 +192,10 @@ class SamplingBody(BaseModel):
     guided_grammar: str | None = None
     # the model's activations over each choice (extension; lmsys.serve.activations)
     return_hidden_states: HiddenStatesRequest | None = None
+    # prefix caching (lmsys.serve.prefix_cache): cached KV pages are shared only among requests
+    # with the same salt (vLLM's field; e.g. a secret per user, so no one can probe whether
+    # another user sent a prompt by timing a cache hit)
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 
 class CompletionBody(SamplingBody):

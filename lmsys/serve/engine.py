@@ -48,12 +48,14 @@ cannot represent (top_k >= 2^31, a non-finite temperature, ...) are refused by `
 (RequestError naming the option). `max_tokens=0` prefills the prompt (with `prompt_logprobs`:
 scores it) and ends with "length" without a decode step.
 
-With `speculative="ngram"` the decode step is a verification call of [last token, drafts]
-per row when a row has drafts (`lmsys.serve.speculative`; every step in batch-invariant mode).
+With `speculative="ngram"` or `"draft"` the decode step is a verification call of [last token,
+drafts] per row when a row has drafts (`lmsys.serve.speculative`; every step in batch-invariant
+mode); a draft model runs beside the target on its own pool (`lmsys.serve.draft`).
 
 Shapes are padded to the scheduler's buckets, so the compilations are exactly
 `len(prefill_buckets) + len(decode_buckets)` (plus `len(decode_buckets)` verification calls
-with speculation), all done by `warmup()`. In batch-invariant mode
+with speculation; a draft model's prefill and draft calls: one more per bucket of each), all
+done by `warmup()`. In batch-invariant mode
 there is one bucket of each, so every call has one shape whatever runs beside a request, and a
 request's chunks are always the same slices of its prompt: its numbers never depend on what
 else is running.
@@ -108,14 +110,17 @@ class EngineConfig:
     dtype: str = "float32"
     quantize: str = "none"  # weight-only: "int8" or "fp8" (lmsys.serve.quantize)
     prefix_cache: bool = True  # automatic prefix caching (lmsys.serve.prefix_cache)
-    speculative: str = "none"  # "ngram": speculative decoding (lmsys.serve.speculative)
+    # "ngram" or "draft" (a draft model): speculative decoding (lmsys.serve.speculative)
+    speculative: str = "none"
     num_speculative_tokens: int = 4  # drafted tokens per request and step at most
 
 
 class Engine:
+    drafter = None  # lmsys.serve.draft.Drafter with speculative="draft"
     def __init__(self, params, model: ModelConfig, tokenizer, config: EngineConfig | None = None,
-                 rules: Rules | None = None, eos_token_id: int | None = None, adapters=None):
-        """adapters: a lmsys.serve.lora.AdapterBank of LoRA adapters requests pick by name."""
+                 rules: Rules | None = None, eos_token_id: int | None = None, adapters=None, draft=None):
+        """adapters: a lmsys.serve.lora.AdapterBank of LoRA adapters requests pick by name;
+        draft: the lmsys.serve.draft.DraftModel of speculative="draft"."""
         self.cfg = config or EngineConfig()
         self.model, self.tokenizer, self.rules = model, tokenizer, rules
         self.eos_token_id = eos_token_id
@@ -158,6 +163,11 @@ class Engine:
                              f"num_speculative_tokens >= 1, got {c.speculative!r} and "
                              f"{c.num_speculative_tokens}")
         self._verify = self.calls.jit(self.calls.verify)
+        if (c.speculative == "draft") != (draft is not None):
+            raise ValueError("speculative='draft' goes with a draft model: Engine(..., draft=DraftModel(...))")
+        if draft is not None:
+            from lmsys.serve.draft import Drafter
+            self.drafter = Drafter(self, draft)
 
         self.grammars = None  # lmsys.serve.constrained.Grammars, made for the first grammar
         self._ids = itertools.count()
@@ -194,6 +204,8 @@ class Engine:
         """A fresh, empty page pool (e.g. after a failed step that had been handed the old one);
         requests that held pages must have been aborted; the prefix cache is forgotten."""
         self.kv = (self._empty_pages(), self._empty_pages())
+        if self.drafter is not None:
+            self.drafter.reset()
         if hasattr(self.pool, "clear"):
             self.pool.clear()
 
@@ -326,6 +338,8 @@ class Engine:
             echo_rows[i] = 2 if req.options.prompt_logprobs > 0 else 1
         adapter = self._adapter_rows(rows, [r for r, _, _ in chunks], B)
         out, self.kv = self._prefill(self.params, self.kv, (toks, pos, tgt, echo_rows, table, adapter))
+        if self.drafter is not None:
+            self.drafter.prefill(toks, pos, table)
         lp, greedy, top_ids, top_lps = jax.device_get(out) if echo else (None,) * 4
         for i, (req, start, n) in echo:
             add_prompt_logprobs(req, start, n, lp[i], greedy[i], top_ids[i], top_lps[i])

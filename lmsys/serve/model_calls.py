@@ -22,7 +22,7 @@ from lmsys.serve.constrained import masked_logits
 from lmsys.serve.lora import with_rows
 from lmsys.serve.sampling import next_token_logprobs, sample
 from lmsys.serve.scheduler import MAX_TOP_LOGPROBS
-from lmsys.serve.speculative import verify_output
+from lmsys.serve.speculative import draft_token, verify_output
 
 
 class ModelCalls:
@@ -124,9 +124,33 @@ class ModelCalls:
     def verify(self, params, kv, rows, rules):
         """Speculative decoding: [last token, k drafts] per row (unused draft slots at position
         -1); which drafts the target accepts and the tokens each row emits, with their
-        log-probs when a row asks for them (`lmsys.serve.speculative`)."""
-        tokens_BT, positions_BT, page_table_BP, sampling, num_drafts_B, logprobs_B, adapter_B = rows
+        log-probs when a row asks for them (`lmsys.serve.speculative`). A draft model's drafts
+        come with the distributions they were drawn from (`q_BKV`, rows' last element; without
+        it, point masses as ngram's)."""
+        tokens_BT, positions_BT, page_table_BP, sampling, num_drafts_B, logprobs_B, adapter_B, *q = rows
         x_BTD, kv = self.forward(params, kv, tokens_BT, positions_BT, page_table_BP, rules, adapter_B)
         logits_BTV = self.logits(params, x_BTD, rules)
         return verify_output(logits_BTV, tokens_BT[:, 1:], num_drafts_B, sampling, logprobs_B,
-                             MAX_TOP_LOGPROBS), kv
+                             MAX_TOP_LOGPROBS, *q), kv
+
+    def draft(self, params, kv, rows, rules, *, k: int):
+        """A draft model's k drafts per row (lmsys.serve.draft) and the distributions they were
+        drawn from [B, k, V]: its last two tokens at [n - 1, n] (n: the target's computed
+        tokens; re-writing n - 1 covers a previous step whose drafts were all accepted), then
+        one token per draft, fed only while the row wants more (`num_drafts_B`), so no key or
+        value is written past the pages reserved for the verification."""
+        tokens_B2, positions_B2, page_table_BP, sampling, num_drafts_B = rows
+        x_B2D, kv = self.forward(params, kv, tokens_B2, positions_B2, page_table_BP, rules)
+        first = draft_token(self.logits(params, x_B2D[:, 1:], rules)[:, 0], sampling, 0)
+
+        def one(carry, j):
+            kv, token_B = carry
+            pos_B = jnp.where(j < num_drafts_B, positions_B2[:, 1] + j, -1)
+            x_B1D, kv = self.forward(params, kv, token_B[:, None], pos_B[:, None], page_table_BP, rules)
+            token_B, q_BV = draft_token(self.logits(params, x_B1D, rules)[:, 0], sampling, j)
+            return (kv, token_B), (token_B, q_BV)
+
+        (kv, _), (tokens_JB, q_JBV) = jax.lax.scan(one, (kv, first[0]), jnp.arange(1, k))
+        drafts_BK = jnp.concatenate([first[0][:, None], tokens_JB.T], axis=1)
+        q_BKV = jnp.concatenate([first[1][:, None], jnp.moveaxis(q_JBV, 0, 1)], axis=1)
+        return (drafts_BK, q_BKV), kv

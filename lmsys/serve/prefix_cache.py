@@ -168,6 +168,16 @@ def take_hit(pool: CachingPagePool, req: Request, page_size: int, align: int) ->
     return len(pages) * page_size
 
 
+def longest_hit_shards(pool: CachingPagePool, req: Request, page_size: int, shards: list[int]) -> list[int]:
+    """The shards of `shards` that cache the longest prefix of the request's pages (all of
+    `shards` when none caches any): prefix-aware data-parallel routing."""
+    n = lookup_limit(req, page_size)
+    hashes = hashes_for(req, n, page_size)[:n]
+    hit = {g: len(pool.lookup(hashes, g)) for g in shards}
+    best = max(hit.values(), default=0)
+    return [g for g in shards if hit[g] == best] if best else shards
+
+
 def claims(reqs: list[Request], page_size: int) -> dict[tuple[int, bytes], Request]:
     """(shard, hash) -> the oldest of `reqs` (given oldest first) that is yet to compute that
     page of its prompt: a newer request that needs the page waits for it rather than computing

@@ -226,7 +226,7 @@ class Routes:
                                  top_k=max(body.top_k, 0), top_p=body.top_p, seed=seed,
                                  stop=tuple(s for s in stop if s), ignore_eos=body.ignore_eos,
                                  grammar=kw.pop("grammar", None) or body_grammar(body, self.engine),
-                                 adapter=adapter, **kw)
+                                 adapter=adapter, cache_salt=body.cache_salt or "", **kw)
 
     @staticmethod
     def seeds(body: SamplingBody) -> list[int]:

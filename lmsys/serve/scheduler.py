@@ -33,7 +33,8 @@ a hit ends on the prefill-chunk grid and only prefilled pages are offered.
 ## Scheduling
 
 Between model calls the scheduler admits waiting requests into free slots (up to
-`max_slots`; into the slot group with the fewest requests, then the most free pages). Each
+`max_slots`; into the slot group whose shard caches the longest prefix of the prompt, then the
+one with the fewest requests, then the most free pages). Each
 iteration then runs one batched prefill call and one decode step. The prefill call takes the
 next chunk of several prefilling requests at once, one row each (a prompt of n tokens prefills
 its first n-1 in chunks of at most `prefill_chunk`; at most one chunk per request per
@@ -359,8 +360,9 @@ class Scheduler:
     # ------------------------------------------------------------------ one iteration's plan
 
     def admit(self) -> None:
-        """Moves waiting requests into free slots: each into the slot group with the fewest
-        running requests, then the most free pages."""
+        """Moves waiting requests into free slots: each into the slot group whose shard caches
+        the longest prefix of its prompt (prefix caching), then the one with the fewest running
+        requests, then the most free pages."""
         load = [0] * self.num_shards
         for r in self.running:
             load[r.shard] += 1
@@ -368,6 +370,10 @@ class Scheduler:
             open_ = [g for g in range(self.num_shards) if load[g] < self.slots_per_shard]
             if not open_:
                 return
+            if self.prefix_cache and len(open_) > 1:  # to the shard caching most of its prompt
+                from lmsys.serve.prefix_cache import longest_hit_shards
+
+                open_ = longest_hit_shards(self.pool, self.waiting[0], self.page_size, open_)
             g = min(open_, key=lambda g: (load[g], -self.pool.num_free_in(g), g))
             req = self.waiting.popleft()
             req.shard, load[g] = g, load[g] + 1

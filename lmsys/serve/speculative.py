@@ -126,10 +126,11 @@ def accept_drafts(logits_BTV, drafts_BK, num_drafts_B, sampling: SamplingParams,
     return a_B.astype(jnp.int32), tokens_BT
 
 
-def verify_output(logits_BTV, drafts_BK, num_drafts_B, sampling, logprobs_B, num_top: int) -> Verified:
+def verify_output(logits_BTV, drafts_BK, num_drafts_B, sampling, logprobs_B, num_top: int,
+                  q_BKV: jax.Array | None = None) -> Verified:
     """`accept_drafts`, with the target's log-probs of the emitted tokens when a row asks for
     them (`logprobs_B`; else zeros, the log-softmax skipped)."""
-    a_B, tokens_BT = accept_drafts(logits_BTV, drafts_BK, num_drafts_B, sampling)
+    a_B, tokens_BT = accept_drafts(logits_BTV, drafts_BK, num_drafts_B, sampling, q_BKV)
 
     def logprobs(_):
         lp_BT, _greedy, top_tokens_BTK, top_logprobs_BTK = next_token_logprobs(logits_BTV, tokens_BT, num_top)
@@ -141,9 +142,29 @@ def verify_output(logits_BTV, drafts_BK, num_drafts_B, sampling, logprobs_B, num
     return Verified(a_B, tokens_BT, *jax.lax.cond(jnp.any(logprobs_B), logprobs, skip, None))
 
 
+def draft_token(logits_BV, sampling: SamplingParams, j):
+    """A draft model's token for draft j of each row and the distribution q it was drawn from
+    (the row's temperature, top-k and top-p over the draft's logits, in vocabulary order): the
+    argmax for a greedy row, else a Gumbel-max draw with the row's key for draft j (a stream of
+    its own: `fold_in(fold_in(key(seed), step + j), 2)`; acceptance draws with 1)."""
+    def one(logits_V, temperature, top_k, top_p, seed, step):
+        order_V, sorted_V = filtered_logits(logits_V, temperature, top_k, top_p)
+        q_V = jnp.zeros_like(logits_V).at[order_V].set(jax.nn.softmax(sorted_V))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step + j), 2)
+        sampled = order_V[argmax(sorted_V + jax.random.gumbel(key, sorted_V.shape, jnp.float32))]
+        return jnp.where(temperature > 0, sampled, argmax(logits_V)).astype(jnp.int32), q_V
+
+    def greedy(logits_BV):  # no row samples: no sort over the vocabulary (q is not read)
+        return argmax(logits_BV).astype(jnp.int32), jnp.zeros_like(logits_BV)
+
+    logits_BV = logits_BV.astype(jnp.float32)
+    return jax.lax.cond(jnp.all(sampling.temperature <= 0), greedy,
+                        lambda x: jax.vmap(one)(x, *sampling), logits_BV)
+
+
 # ---------------------------------------------------------------------- the engine's driving
 
-SPECULATIVE = ("none", "ngram")
+SPECULATIVE = ("none", "ngram", "draft")
 
 
 def num_drafts(engine, req) -> int:
@@ -152,9 +173,10 @@ def num_drafts(engine, req) -> int:
     return max(0, min(engine.cfg.num_speculative_tokens, req.options.max_tokens - len(req.generated) - 1))
 
 
-def verify_rows(engine, batch, drafts: dict[int, list[int]]):
-    """The verification call's rows for `batch` (from the scheduler's `plan_decode`)."""
-    rows, table, sampling, want_logprobs, adapter = engine._decode_rows(batch)
+def verify_rows(engine, batch, drafts: dict[int, list[int]], decode_rows):
+    """The verification call's rows for `batch` (from the scheduler's `plan_decode`);
+    `decode_rows`: `engine._decode_rows(batch)`."""
+    rows, table, sampling, want_logprobs, adapter = decode_rows
     B, T = len(table), engine.cfg.num_speculative_tokens + 1
     toks, pos = np.zeros((B, T), np.int32), np.full((B, T), -1, np.int32)
     n_drafts = np.zeros(B, np.int32)
@@ -168,25 +190,34 @@ def verify_rows(engine, batch, drafts: dict[int, list[int]]):
 
 def speculate(engine) -> None:
     """The decode part of an engine step with speculative decoding: drafts for the decoding
-    requests, their pages reserved, one verification call (or a plain decode step when no row
-    has a draft, except in batch-invariant mode, where every step verifies so that a request's
-    numbers never depend on its neighbours' drafts), then each row's emitted tokens in order
-    (stop rules and max_tokens apply token by token)."""
+    requests (`ngram`: by prompt lookup, before their pages are reserved; `draft`: as many as
+    `num_drafts`, their pages reserved, then one call of the draft model), one verification
+    call (or a plain decode step when no row has a draft, except in batch-invariant mode, where
+    every step verifies so that a request's numbers never depend on its neighbours' drafts),
+    then each row's emitted tokens in order (stop rules and max_tokens apply token by token)."""
     from lmsys.serve.outputs import append_token
 
-    sched = engine.scheduler
+    sched, drafter = engine.scheduler, engine.drafter
     # a request under a grammar (structured output) is not drafted for: its token comes from
     # the masked decode step, which also runs the step whenever such a request is in it
-    drafts = {r.id: [] if r.matcher is not None else propose_ngram(r.tokens, num_drafts(engine, r))
-              for r in sched.decoding()}
-    ready = sched.plan_decode(lambda r: len(drafts[r.id]))
+    if drafter is None:
+        drafts = {r.id: [] if r.matcher is not None else propose_ngram(r.tokens, num_drafts(engine, r))
+                  for r in sched.decoding()}
+        wanted = {i: len(d) for i, d in drafts.items()}
+    else:
+        wanted = {r.id: 0 if r.matcher is not None else num_drafts(engine, r) for r in sched.decoding()}
+    ready = sched.plan_decode(lambda r: wanted[r.id])
     if not ready:
         return
     if any(r.matcher is not None for r in ready) or (
-            not engine.cfg.batch_invariant and not any(drafts[r.id] for r in ready)):
+            not engine.cfg.batch_invariant and not any(wanted[r.id] for r in ready)):
         return engine._decode_batch(ready)
-    rows, call_rows = verify_rows(engine, ready, drafts)
-    out, engine.kv = engine._verify(engine.params, engine.kv, call_rows)
+    decode_rows, q = engine._decode_rows(ready), ()
+    if drafter is not None:  # q: the distributions the drafts were drawn from, kept on device
+        drafts, q_BKV = drafter.propose(ready, decode_rows, wanted)
+        q = (q_BKV,)
+    rows, call_rows = verify_rows(engine, ready, drafts, decode_rows)
+    out, engine.kv = engine._verify(engine.params, engine.kv, call_rows + q)
     out = jax.device_get(out)
     for i, r in zip(rows, ready):
         a = int(out.num_accepted_B[i])
@@ -203,12 +234,14 @@ def speculate(engine) -> None:
 
 
 def warm_verify(engine) -> int:
-    """Compiles the verification call for every decode bucket; returns how many."""
+    """Compiles the verification call for every decode bucket (and with a draft model, its
+    prefill and draft calls); returns how many."""
     T = engine.cfg.num_speculative_tokens + 1
     for n, pages in engine.decode_buckets:
         z = np.zeros(n, np.int32)
         sampling = SamplingParams(np.zeros(n, np.float32), z, np.ones(n, np.float32), np.zeros(n, np.uint32), z)
         toks = np.zeros((n, T), np.int32)
+        q = () if engine.drafter is None else (engine.drafter.warm(n, pages, sampling),)
         _, engine.kv = engine._verify(engine.params, engine.kv, (
-            toks, toks - 1, np.zeros((n, pages), np.int32), sampling, z, np.zeros(n, bool), z))
-    return len(engine.decode_buckets)
+            toks, toks - 1, np.zeros((n, pages), np.int32), sampling, z, np.zeros(n, bool), z) + q)
+    return len(engine.decode_buckets) + (0 if engine.drafter is None else engine.drafter.warm_prefill())
