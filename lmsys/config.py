@@ -385,8 +385,8 @@ def check_key(ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks everything that does not need devices (the mesh size is checked in parallel.mesh)."""
-    from lmsys.config_checks import (check_dpo, check_family, check_lora, check_moe, check_pipeline,
-                                     check_profile, check_rl, check_sequence, check_tensor)
+    from lmsys.config_checks import (check_dpo, check_eval, check_family, check_lora, check_moe,
+                                     check_pipeline, check_profile, check_rl, check_sequence, check_tensor)
 
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -482,19 +482,3 @@ def validate(cfg: Config) -> None:
     check_rl(cfg)
     check_profile(cfg)
 
-
-def check_eval(cfg: Config) -> None:
-    """The eval.* keys: a held-out split or an eval source (not both) when evaluating."""
-    e = cfg.eval
-    check_key(e.every >= 0, "eval.every", e.every, "must be >= 0 (0 = no evaluation)")
-    check_key(e.batches >= 1, "eval.batches", e.batches, "must be >= 1")
-    check_key(0 <= e.holdout < 1, "eval.holdout", e.holdout, "must be a fraction in [0, 1)")
-    check_key(not (e.source and e.holdout), "eval.holdout", e.holdout,
-              f"eval.source is set ({e.source!r}): evaluate on it or on a held-out split, not both; "
-              f"set eval.holdout=0 or eval.source=''")
-    if e.every:
-        check_key(bool(e.source) or e.holdout > 0, "eval.every", e.every,
-                  "needs evaluation documents: set eval.holdout (e.g. 0.05) or eval.source=PATHS")
-        check_key(cfg.data.format == "text", "eval.every", e.every,
-                  f"held-out evaluation reads text documents; data.format={cfg.data.format!r} is not "
-                  f"supported: set eval.every=0")

@@ -1,7 +1,8 @@
-"""The config rules that depend on mesh axis sizes: experts, tensor, sequence and pipeline
-splits and the batch split. `lmsys.config.validate` applies them for the sizes a config names;
-the Trainer (on its built mesh, where a -1 axis is known) and `lmsys plan` (on the sizes it plans
-for) apply them all through `check_mesh`."""
+"""Config rules beyond the basic ranges of lmsys.config.validate, which applies them all: the
+model families' and sections' own (eval, LoRA, DPO, RL, profiling), and those that depend on mesh
+axis sizes (experts, tensor, sequence and pipeline splits, the batch split) — for the sizes a
+config names; the Trainer (on its built mesh, where a -1 axis is known) and `lmsys plan` (on the
+sizes it plans for) apply the mesh ones through `check_mesh`."""
 
 from __future__ import annotations
 
@@ -208,3 +209,20 @@ def check_profile(cfg: Config) -> None:
         check_key("://" not in where, "profile.dir", p.dir,
                   f"the JAX profiler writes to a local directory and {where!r} is a URL; set "
                   f"profile.dir=/a/local/dir")
+
+
+def check_eval(cfg: Config) -> None:
+    """The eval.* keys: a held-out split or an eval source (not both) when evaluating."""
+    e = cfg.eval
+    check_key(e.every >= 0, "eval.every", e.every, "must be >= 0 (0 = no evaluation)")
+    check_key(e.batches >= 1, "eval.batches", e.batches, "must be >= 1")
+    check_key(0 <= e.holdout < 1, "eval.holdout", e.holdout, "must be a fraction in [0, 1)")
+    check_key(not (e.source and e.holdout), "eval.holdout", e.holdout,
+              f"eval.source is set ({e.source!r}): evaluate on it or on a held-out split, not both; "
+              f"set eval.holdout=0 or eval.source=''")
+    if e.every:
+        check_key(bool(e.source) or e.holdout > 0, "eval.every", e.every,
+                  "needs evaluation documents: set eval.holdout (e.g. 0.05) or eval.source=PATHS")
+        check_key(cfg.data.format == "text", "eval.every", e.every,
+                  f"held-out evaluation reads text documents; data.format={cfg.data.format!r} is not "
+                  f"supported: set eval.every=0")

@@ -130,7 +130,7 @@ def _inputs(routes, body: EmbeddingBody) -> list[list[int]]:
 def add_embedding_routes(app: FastAPI, routes) -> None:
     """`POST /v1/embeddings` over `routes`' engine (lmsys.serve.routes.Routes), pooling by
     `routes.limits.embed_pooling` if set, else by the model's."""
-    from lmsys.serve.routes import _Run
+    from lmsys.serve.http_run import Run
 
     embedder = Embedder(routes.engine)
 
@@ -147,7 +147,7 @@ def add_embedding_routes(app: FastAPI, routes) -> None:
         vectors = finish(await asyncio.to_thread(embedder, ids, routes.limits.embed_pooling),
                          body.dimensions, body.normalize)
         n = sum(len(x) for x in ids)
-        _Run(routes, request).count_tokens("prompt", n)
+        Run(routes, request).count_tokens("prompt", n)
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode()
                                if body.encoding_format == "base64" else v.tolist())}
