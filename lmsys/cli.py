@@ -52,10 +52,12 @@ def _rl(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     history = rl(cfg, progress=not args.no_progress)
-    if history:
-        first, last = history[0], history[-1]
-        print(f"step {last['step']}: reward_mean {first['reward_mean']:.3f} (step {first['step']}) -> "
-              f"{last['reward_mean']:.3f}; run dir {cfg.run_dir}")
+    if history:  # one step's mean is noisy: the first and the last quarter of this run's steps
+        k = max(1, len(history) // 4)
+        mean = lambda rows: sum(r["reward_mean"] for r in rows) / len(rows)  # noqa: E731
+        print(f"step {history[-1]['step']}: reward_mean {mean(history[:k]):.3f} (steps {history[0]['step']}-"
+              f"{history[k - 1]['step']}) -> {mean(history[-k:]):.3f} (steps {history[-k]['step']}-"
+              f"{history[-1]['step']}); run dir {cfg.run_dir}")
     else:
         print(f"nothing to do: {cfg.run_dir} is already at step {cfg.steps}")
     return 0
