@@ -70,6 +70,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax
@@ -117,6 +118,7 @@ class EngineConfig:
 
 class Engine:
     drafter = None  # lmsys.serve.draft.Drafter with speculative="draft"
+
     def __init__(self, params, model: ModelConfig, tokenizer, config: EngineConfig | None = None,
                  rules: Rules | None = None, eos_token_id: int | None = None, adapters=None, draft=None):
         """adapters: a lmsys.serve.lora.AdapterBank of LoRA adapters requests pick by name;
@@ -142,10 +144,12 @@ class Engine:
             shardings = rules.tree_shardings(llama.param_axes(model), llama.param_shapes(model))
             params = jax.device_put(params, shardings)
             self._kv_sharding = rules.sharding(POOL_AXES, self._pool_shape)
+        self._quantize = None  # the weight-only quantizer of new base weights (and set_params')
         if c.quantize != "none":
             from lmsys.serve.quantize import quantize_params
 
-            params = jax.jit(quantize_params, static_argnums=1)(params, c.quantize)
+            self._quantize = jax.jit(partial(quantize_params, mode=c.quantize))
+            params = self._quantize(params)
         self.adapters = adapters
         self._adapter_versions: dict[str, int] = {}  # bumped by set_adapter: the prefix cache's salt
         self.weights_version = 0  # bumped by set_params: part of every request's cache salt
@@ -416,10 +420,8 @@ class Engine:
         Requests in flight go on over KV written by the old weights: call it between
         generations, or once they finish. Cached prefix pages of the old weights are never
         reused (the weights' version is in every request's cache salt)."""
-        if self.cfg.quantize != "none":
-            from lmsys.serve.quantize import quantize_params
-
-            params = jax.jit(quantize_params, static_argnums=1)(params, self.cfg.quantize)
+        if self._quantize is not None:
+            params = self._quantize(params)
         old = lora.with_adapters(self.params, None)
         params = lora.with_adapters(params, None)
         if jax.tree.structure(params) != jax.tree.structure(old):
