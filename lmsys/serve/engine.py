@@ -210,7 +210,10 @@ class Engine:
         self.kv = (self._empty_pages(), self._empty_pages())
         if self.drafter is not None:
             self.drafter.reset()
-        if hasattr(self.pool, "clear"):
+        self._forget_prefix_cache()
+
+    def _forget_prefix_cache(self) -> None:
+        if hasattr(self.pool, "clear"):  # a CachingPagePool (lmsys.serve.prefix_cache)
             self.pool.clear()
 
     # ------------------------------------------------------------------ memory
@@ -419,7 +422,8 @@ class Engine:
         steps; the KV pool, the adapter bank and every compiled shape stay (no recompilation).
         Requests in flight go on over KV written by the old weights: call it between
         generations, or once they finish. Cached prefix pages of the old weights are never
-        reused (the weights' version is in every request's cache salt)."""
+        reused: the prefix cache is forgotten (for requests queued before the swap) and the
+        weights' version is in every later request's cache salt (for pages of requests in flight)."""
         if self._quantize is not None:
             params = self._quantize(params)
         old = lora.with_adapters(self.params, None)
@@ -434,6 +438,7 @@ class Engine:
         with self.lock:
             self.params = lora.with_adapters(params, lora.adapters_of(self.params))
             self.weights_version += 1
+            self._forget_prefix_cache()
 
     def _isolated(self, req: Request, fn, *args) -> None:
         """Runs one request's host-side work (its stop strings, detokenizing, its callback); if

@@ -142,10 +142,7 @@ class Swap:
                             "(503, retry) to serve %s", len(started), self.max_wait, self.label)
                 loop._fail(started, EngineFailure(  # the loop's own failure path: abort + error event
                     f"the served model was updated to {self.label} while this request ran; retry it", 503))
-            engine.set_params(self.params)
-            if hasattr(engine.pool, "clear"):  # nothing runs: every cached page is of the old weights
-                with engine.lock:
-                    engine.pool.clear()
+            engine.set_params(self.params)  # also forgets the old weights' cached prefix pages
         except Exception as e:  # noqa: BLE001 - the old weights keep serving; the follower logs it
             self.error = e
         finally:
