@@ -141,10 +141,11 @@ def add_embedding_routes(app: FastAPI, routes) -> None:
             routes.loop.check_admission()  # the 503 of a dead engine
         pooling = embedder.pooling(routes.limits.embed_pooling)
         if pooling.startswith("unsupported:"):
-            raise APIError(400, f"this model's sentence-transformers pooling ({pooling[12:]}) is not one lmsys "
-                                f"implements; start the server with --embed-pooling last or mean to choose one")
+            modes = pooling.removeprefix("unsupported:")
+            raise APIError(400, f"this model's sentence-transformers pooling ({modes}) is not one lmsys implements; "
+                                f"start the server with --embed-pooling last or mean to choose one")
         ids = await asyncio.to_thread(_inputs, routes, body)
-        vectors = finish(await asyncio.to_thread(embedder, ids, routes.limits.embed_pooling),
+        vectors = finish(await asyncio.to_thread(embedder, ids, pooling),
                          body.dimensions, body.normalize)
         n = sum(len(x) for x in ids)
         Run(routes, request).count_tokens("prompt", n)
