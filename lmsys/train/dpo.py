@@ -22,11 +22,15 @@ import jax.numpy as jnp
 METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
 
 
+def token_logps(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """The log-probability of each target under the logits: [B, T] float32."""
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
 def sequence_logps(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """Per row, the summed log-probability of the targets where mask is 1: [B]."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    target_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum(target_BT * mask_BT, axis=-1)
+    return jnp.sum(token_logps(logits_BTV, targets_BT) * mask_BT, axis=-1)
 
 
 def dpo_sums(policy_B: jax.Array, reference_B: jax.Array, beta: float):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmsys.train.dpo import reference_params
+from lmsys.train.dpo import reference_params, token_logps
 from lmsys.train.step import BATCH_KEYS, Trainer
 
 RL_KEYS = BATCH_KEYS + ("advantages", "old_logps", "ref_logps")
@@ -44,12 +44,6 @@ def group_advantages(rewards, group_size: int) -> np.ndarray:
     r = np.asarray(rewards, np.float64).reshape(-1, group_size)
     adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + ADV_EPS)
     return adv.reshape(-1).astype(np.float32)
-
-
-def token_logps(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """The log-probability of each target under the logits: [B, T] float32."""
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
 
 
 def grpo_sums(logp_BT, old_BT, ref_BT, adv_BT, mask_BT, clip_eps: float, beta: float):
