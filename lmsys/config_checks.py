@@ -145,6 +145,10 @@ def check_rl(cfg: Config) -> None:
               f"must be below seq_len ({cfg.seq_len}), which holds prompt + completion")
     check_key(cfg.grad_accum == 1 and not cfg.model.n_experts and cfg.loss_chunk == 0, "data.format",
               cfg.data.format, "GRPO (data.format=prompts) runs with grad_accum=1, loss_chunk=0 on a dense model")
+    # GRPO's loss and scoring (lmsys.train.grpo) read tokens in batch order, not in the
+    # load-balanced order a sequence-parallel forward expects (Trainer._loss_sums)
+    check_key(axis_size(cfg.mesh, "sequence") == 1, "mesh.sequence", cfg.mesh.sequence,
+              "must be 1 for GRPO (data.format=prompts): context parallelism is not supported by lmsys rl")
 
 
 def check_lora(cfg: Config) -> None:

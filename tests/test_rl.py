@@ -74,6 +74,8 @@ def test_custom_reward_and_its_errors(tmp_path, monkeypatch):
         load_reward(cfg("no_such_module:f"))
     with pytest.raises(ConfigError, match=r"rl.reward.*must be exact_match, regex, python_parses or module:function"):
         cfg("nothing")
+    with pytest.raises(ConfigError, match=r"mesh.sequence.*must be 1 for GRPO"):  # no load-balanced order
+        tiny_config(data={"format": "prompts", "source": "arithmetic"}, mesh={"sequence": 2})
 
 
 def test_prompt_jsonl_errors(tmp_path):
