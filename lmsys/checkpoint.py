@@ -369,7 +369,7 @@ class ModelDir:
         if self.kind == "hf":
             from lmsys.interop.hf import load_hf
 
-            params, _ = load_hf(self.path, _param_shardings(self.config.model, rules))
+            params, _ = load_hf(self.path, _param_shardings(self.config.model, rules), model=self.config.model)
             return params, 0
         try:
             params, meta = _restore_run_params(self.path, self.config, rules, step)

@@ -232,9 +232,9 @@ def _ignorable(name: str, model: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (model.tie_embeddings and name == "lm_head.weight")
 
 
-def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
+def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32, model=None):
     """(params, ModelConfig) from an HF model directory (config.json + one or sharded
-    safetensors). Every tensor's name and shape is checked first (a missing, unexpected or
+    safetensors; `model`: its ModelConfig when the caller has read it already). Every tensor's name and shape is checked first (a missing, unexpected or
     misshapen tensor is a ConversionError naming it); then each leaf is built with
     `jax.make_array_from_callback` on its sharding (a pytree like the params; None: the default
     device): each device's block is read straight from the memory-mapped files as the slices
@@ -243,7 +243,8 @@ def load_hf(hf_dir: str | Path, shardings=None, dtype=np.float32):
     import jax
 
     hf_dir = Path(hf_dir)
-    model, _ = hf_model_config(hf_dir)
+    if model is None:
+        model, _ = hf_model_config(hf_dir)
     reader = _TensorReader(hf_dir)
     from lmsys.models import llama
 
